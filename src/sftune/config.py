@@ -1,0 +1,230 @@
+"""One typed config schema for YAML files, dotted command-line overrides and the Python API.
+
+Every field's description doubles as its command-line help (`sftune train --help-config`).
+Unknown keys and wrong types are errors that name the key and suggest the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says which key and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        "smollm2-135m-instruct",
+        description="Local HF folder, hub id, .gguf file, or the named default 'smollm2-135m-instruct'.",
+    )
+    dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Dtype the model is saved and run in; auto = bf16 where the CPU/GPU supports it."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code shipped with a hub repo (off by default).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+
+
+class DataConfig(_Section):
+    train: str = Field(..., description="Training data: a .json/.jsonl/.csv/.parquet file or a datasets name.")
+    validation: str | None = Field(None, description="Separate validation file or datasets name.")
+    validation_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Fraction of train rows held out for validation (if no validation file)."
+    )
+    split: str = Field("train", description="Split to read when `train` is a datasets name.")
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = Field(
+        "auto", description="Row format; auto detects it from the columns of the first row."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map canonical field -> column in your data, e.g. {instruction: question, output: answer}.",
+    )
+    system_prompt: str | None = Field(None, description="System message added to rows that have none.")
+    max_length: int = Field(1024, gt=8, description="Longest tokenized example, in tokens.")
+    truncation: Literal["drop", "truncate"] = Field(
+        "drop",
+        description="Over-length rows: drop them (counted) or cut them at max_length (dropped if nothing "
+        "supervised is left).",
+    )
+    shuffle: bool = Field(True, description="Shuffle training rows each epoch (seeded by train.seed).")
+    max_rows: int | None = Field(None, gt=0, description="Use only the first N rows (after the split).")
+
+
+class TemplateConfig(_Section):
+    name: str = Field(
+        "auto",
+        description="Chat template: auto (the tokenizer's own, else chatml), tokenizer, alpaca, chatml, "
+        "llama3, mistral, or a path to a .jinja file.",
+    )
+    mask: Literal["assistant", "last_assistant", "all"] = Field(
+        "assistant",
+        description="Supervised tokens: every assistant turn + its end token, only the last one, or all tokens.",
+    )
+
+
+class TrainConfig(_Section):
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to norms and biases).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay after warmup: cosine, linear (to zero) or constant."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup (overrides warmup_ratio).")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Warmup as a fraction of all steps.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    micro_batch_size: int = Field(4, gt=0, description="Examples per forward/backward pass.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_grad_norm: float | None = Field(1.0, description="Clip the global gradient norm to this (null: off).")
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16-true"] = Field(
+        "auto",
+        description="fp32; bf16-mixed (fp32 weights, bf16 autocast); bf16-true (bf16 weights); "
+        "auto = bf16-mixed where supported.",
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    seed: int = Field(42, description="Seed for data order, initialisation and dropout.")
+    eval_every: int | None = Field(None, gt=0, description="Validation loss every N steps (null: at the end).")
+    log_every: int = Field(1, gt=0, description="Write a metrics line every N steps.")
+    checkpoint_every: int | None = Field(None, gt=0, description="Save a resumable checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, gt=0, description="How many recent checkpoints to keep.")
+    num_threads: int | None = Field(None, gt=0, description="torch CPU threads (null: torch's default).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train; auto = cuda if present.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class OutputConfig(_Section):
+    dir: str = Field("runs/sft", description="Run folder: model, checkpoints, metrics, manifest.")
+    overwrite: bool = Field(False, description="Allow writing into an existing, non-empty run folder.")
+    save_dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Dtype of the saved weights; auto = model.dtype."
+    )
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Which model to fine-tune.")
+    data: DataConfig = Field(..., description="Where the data is and how to read it.")
+    template: TemplateConfig = Field(default_factory=TemplateConfig, description="Chat template and mask.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Config:
+        if self.data.validation and self.data.validation_fraction:
+            raise ValueError("set data.validation or data.validation_fraction, not both")
+        return self
+
+
+def _field_names(model_cls: type[BaseModel]) -> list[str]:
+    return list(model_cls.model_fields)
+
+
+def _section_class(path: tuple[str | int, ...]) -> type[BaseModel] | None:
+    cls: type[BaseModel] = Config
+    for part in path:
+        field = cls.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            cls = annotation
+        else:
+            return None
+    return cls
+
+
+def _describe_error(error: Any) -> str:
+    loc = tuple(error["loc"])
+    key = ".".join(str(p) for p in loc)
+    if error["type"] == "extra_forbidden":
+        parent = _section_class(loc[:-1])
+        valid = _field_names(parent) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else ""
+        return f"unknown key '{key}' {hint} (valid keys here: {', '.join(valid)})".replace("  ", " ")
+    if error["type"] == "missing":
+        return f"missing required key '{key}'"
+    return f"'{key}': {error['msg']} (got {error.get('input')!r})"
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build a Config from a nested dict, turning pydantic errors into one readable ConfigError."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (model, data, ...), got {type(raw).__name__}")
+    unknown = [k for k in raw if k not in Config.model_fields]
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe_error(e) for e in exc.errors()]
+        if unknown:
+            lines = [ln for ln in lines if not ln.startswith("unknown key")] + [
+                _describe_error({"loc": (k,), "type": "extra_forbidden"}) for k in unknown
+            ]
+        raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(dict.fromkeys(lines))) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.learning_rate=1e-4' -> (['train', 'learning_rate'], 1e-4), the value parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value, e.g. train.learning_rate=1e-4")
+    key, _, value = text.partition("=")
+    path = [p for p in key.strip().split(".") if p]
+    if len(path) < 2:
+        raise ConfigError(f"override '{text}': name the section too, e.g. train.{key.strip()}={value}")
+    return path, yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(source: str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML file (or dict), apply dotted overrides, validate. Relative data paths resolve from the YAML."""
+    if source is None:
+        raw: dict[str, Any] = {}
+        name = "overrides"
+    elif isinstance(source, dict):
+        raw, name = dict(source), "config"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        name = str(path)
+        if isinstance(raw, dict):
+            _resolve_relative_paths(raw, path.parent)
+    return validate_config(apply_overrides(raw, overrides or []), name)
+
+
+def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    for key in ("train", "validation"):
+        value = data.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
+            data[key] = str(base / value)
+
+
+def config_to_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

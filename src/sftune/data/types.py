@@ -1,0 +1,53 @@
+"""Data types shared by every stage of the data pipeline: rows -> Conversation -> Example -> Batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+IGNORE_INDEX = -100  # label value that the loss skips; the one constant for "not supervised"
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. tool_calls, name: passed to the template as-is
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"role": self.role, "content": self.content, **self.extra}
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One training row in canonical form. `source` says where it came from, for error messages."""
+
+    messages: list[Message]
+    source: str = ""  # "file.jsonl:12"
+    tools: list[dict[str, Any]] | None = None
+    text: str | None = None  # plain-text rows (format "text") are trained on as-is, no template
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A row that will not be trained on, and why. Every dropped row becomes one of these."""
+
+    source: str
+    reason: str  # short, stable key, e.g. "empty_response", "too_long", "no_supervised_tokens"
+    detail: str = ""
+    row: Any = None
+
+
+@dataclass
+class Example:
+    """A rendered, tokenized example. labels[i] is IGNORE_INDEX or input_ids[i] (no shift here)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    source: str = ""
+
+    @property
+    def num_supervised(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
