@@ -47,6 +47,9 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     source: str = ""
+    end_token_ids: tuple[int, ...] = ()  # the end-of-turn token closing each supervised turn
+    turns_without_end_token: int = 0  # supervised turns the template closed with no special token
+    truncated: bool = False
 
     @property
     def num_supervised(self) -> int:

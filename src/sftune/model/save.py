@@ -1,0 +1,42 @@
+"""Save a trained model as a plain Hugging Face folder that loads with AutoModelForCausalLM anywhere."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def end_of_turn_ids(tokenizer: Any, seen_end_ids: set[int]) -> list[int]:
+    """EOS plus every end-of-turn token the training mask closed a turn with: generation must stop on each."""
+    ids = set(seen_end_ids)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def save_model_folder(model: Any, tokenizer: Any, out_dir: Path, dtype: torch.dtype, eos_ids: list[int]) -> Path:
+    """Weights (safetensors), config, generation_config with every end-of-turn id, tokenizer + chat template.
+
+    Written to a temporary sibling, then renamed, so a half-written folder never looks finished.
+    """
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    original_dtype = next(model.parameters()).dtype
+    model.to(dtype)
+    generation = model.generation_config
+    generation.eos_token_id = eos_ids if len(eos_ids) > 1 else eos_ids[0]
+    generation.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = generation.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = True
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    model.to(original_dtype)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,44 @@
+"""AdamW with decay only on matrices, and a warmup + cosine / linear / constant learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sftune.config import TrainConfig
+
+
+def build_optimizer(parameters: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
+    """Weight decay on weight matrices only: decaying norms and biases hurts and is not what the recipe means."""
+    trainable = [(name, p) for name, p in parameters if p.requires_grad]
+    decay = [p for _, p in trainable if p.ndim >= 2]
+    no_decay = [p for _, p in trainable if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.adam_betas)
+
+
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    return cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+
+
+def lr_multiplier(step: int, total_steps: int, warmup: int, kind: str) -> float:
+    """Learning-rate factor for optimizer step `step` (0-based): linear warmup, then the chosen decay."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = warmup_steps(cfg, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, total_steps, warmup, cfg.lr_scheduler)
+    )

@@ -1,0 +1,99 @@
+"""The SFT recipe on a tiny model: resume == uninterrupted, counts add up, outputs load with plain transformers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sftune.config import load_config
+from sftune.recipes.sft import RunError, train
+
+
+def write_alpaca(path: Path, count: int = 14) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"instruction": f"Repeat {i}", "input": "x" * (i % 4), "output": f"Value {i} done"} for i in range(count)]
+    rows.append({"instruction": "Empty answer", "input": "", "output": "  "})  # rejected: empty_response
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def tiny_config(tmp_path: Path, model_dir: Path, **train_overrides):
+    train = {"micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 6, "learning_rate": 1e-3,
+             "warmup_steps": 2, "progress": False, "checkpoint_every": 3, "keep_checkpoints": 3, **train_overrides}  # fmt: skip
+    return load_config(
+        {
+            "model": {"name_or_path": str(model_dir)},
+            "data": {"train": str(write_alpaca(tmp_path / "data.json")), "validation_fraction": 0.2},
+            "train": train,
+            "output": {"dir": str(tmp_path / "run")},
+        }
+    )
+
+
+def test_counts_add_up_and_outputs_are_complete(tmp_path, tiny_model_dir):
+    result = train(tiny_config(tmp_path, tiny_model_dir))
+    counts = result.counts
+    assert counts["rows_in"] == 15
+    assert counts["rows_in"] == counts["rows_trained"] + counts["rows_validation"] + counts["rows_rejected"]
+    assert counts["rejected_by_reason"] == {"empty_response": 1}
+    run = result.run_dir
+    for name in ("manifest.json", "metrics.jsonl", "loss.png", "config.yaml", "rejected.jsonl", "model/config.json"):
+        assert (run / name).is_file(), name
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["counts"]["rows_rejected"] == 1 and manifest["data_sha256"]["train"]
+    assert len((run / "rejected.jsonl").read_text().splitlines()) == 1
+    steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == list(range(1, 7))
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
+    uninterrupted = train(tiny_config(tmp_path / "a", tiny_model_dir))
+
+    # Simulate a crash right after the step-3 checkpoint: drop everything written later.
+    crashed = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", crashed)
+    shutil.rmtree(crashed / "run" / "model")
+    for checkpoint in (crashed / "run" / "checkpoints").iterdir():
+        if checkpoint.name != "step-00000003":
+            shutil.rmtree(checkpoint)
+    config = tiny_config(crashed, tiny_model_dir)
+    resumed = train(config, resume="auto")
+
+    assert resumed.global_step == uninterrupted.global_step == 6
+    a = load_file(str(uninterrupted.model_dir / "model.safetensors"))
+    b = load_file(str(resumed.model_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert any(not torch.equal(a[n], base[n]) for n in base)  # training did change the weights
+
+
+def test_existing_output_is_never_overwritten_silently(tmp_path, tiny_model_dir):
+    config = tiny_config(tmp_path, tiny_model_dir, max_steps=1, checkpoint_every=None)
+    train(config)
+    with pytest.raises(RunError, match="--overwrite"):
+        train(config)
+    config.output.overwrite = True
+    assert train(config).global_step == 1
+
+
+def test_saved_model_loads_and_stops_at_end_of_turn(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    result = train(tiny_config(tmp_path, tiny_model_dir, max_steps=2, checkpoint_every=None))
+    model = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(result.model_dir)
+    generation = GenerationConfig.from_pretrained(result.model_dir)
+    end_ids = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in end_ids
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Repeat 3"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)  # fmt: skip
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
