@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -70,7 +71,14 @@ def run_demo(args: argparse.Namespace) -> None:
     demo(args.out, list(args.overrides))
 
 
+def quiet_library_import_noise() -> None:
+    """torchao (imported by transformers) warns about CUDA-only kernels it cannot load on CPU; not our users' concern."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_library_import_noise()
     args = build_parser().parse_args(argv)
     handlers = {"train": run_train, "generate": run_generate, "demo": run_demo}
     try:

@@ -56,7 +56,7 @@ class DataConfig(_Section):
         "supervised is left).",
     )
     shuffle: bool = Field(True, description="Shuffle training rows each epoch (seeded by train.seed).")
-    max_rows: int | None = Field(None, gt=0, description="Use only the first N rows (after the split).")
+    max_rows: int | None = Field(None, gt=0, description="Read only the first N rows of each data file.")
 
 
 class TemplateConfig(_Section):

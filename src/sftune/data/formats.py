@@ -431,7 +431,7 @@ def read_conversations(
     spec: str, data_config: DataConfig
 ) -> tuple[list[Conversation], list[Rejection], dict[str, int]]:
     """Read `spec` and convert every row: (kept, rejected, rows per detected format); kept + rejected == rows."""
-    rows = read_rows(spec, data_config.split)
+    rows = read_rows(spec, data_config.split)[: data_config.max_rows]
     kept: list[Conversation] = []
     rejected: list[Rejection] = []
     formats: Counter[str] = Counter()
