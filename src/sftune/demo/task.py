@@ -128,7 +128,11 @@ def score(prediction: str, reference: str) -> bool:
     """
     predicted = _parse_object(prediction)
     expected = _parse_reference(reference)
-    return predicted is not None and predicted.keys() == expected.keys() and _count_matching(predicted, expected) == len(expected)
+    return (
+        predicted is not None
+        and predicted.keys() == expected.keys()
+        and _count_matching(predicted, expected) == len(expected)
+    )
 
 
 def field_accuracy(prediction: str, reference: str) -> float:
@@ -162,9 +166,7 @@ def _parse_reference(reference: str) -> dict[str, Any]:
 
 
 def _count_matching(predicted: dict[str, Any], expected: dict[str, Any]) -> int:
-    return sum(
-        1 for key, value in expected.items() if key in predicted and _is_same_value(predicted[key], value)
-    )
+    return sum(1 for key, value in expected.items() if key in predicted and _is_same_value(predicted[key], value))
 
 
 def _is_same_value(left: Any, right: Any) -> bool:
@@ -181,7 +183,7 @@ def write_splits(out_dir: Path) -> tuple[Path, Path]:
         raise AssertionError(f"{len(shared)} held-out inputs are also in train, e.g. {sorted(shared)[0]!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = (out_dir / "train.jsonl", out_dir / "heldout.jsonl")
-    for path, rows in zip(paths, (train, heldout)):
+    for path, rows in zip(paths, (train, heldout), strict=True):
         path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     return paths
 

@@ -1,4 +1,4 @@
-"""The README demo: score the base model on held-out rows, fine-tune it, score it again, print both.
+"""The README demo: fine-tune the default model, score base and tuned model on held-out rows, print both.
 
 Honest by construction: the held-out rows are never trained on, decoding is greedy, and the before and
 after models see the very same prompts rendered with the very same template.
@@ -18,8 +18,8 @@ from sftune.demo.task import field_accuracy, score
 from sftune.infer.generate import generate_batch, load_for_inference
 from sftune.recipes.sft import train
 
-MAX_NEW_TOKENS = 40
-GENERATION_BATCH = 20
+MAX_NEW_TOKENS = 32  # the longest reference answer is about 25 tokens
+GENERATION_BATCH = 40
 
 
 def run_demo(out_dir: str, overrides: list[str]) -> dict[str, Any]:
@@ -28,10 +28,12 @@ def run_demo(out_dir: str, overrides: list[str]) -> dict[str, Any]:
     config = load_config(config_path, [f"output.dir={out_dir}", "output.overwrite=true", *overrides])
     prompts, references = heldout_rows(config.data.validation or config.data.train, config)
 
-    print(f"[1/3] scoring the base model on {len(prompts)} held-out rows (greedy)")
-    before = score_model(config.model.name_or_path, prompts, references)
-    print(f"[2/3] fine-tuning {config.model.name_or_path} on {config.data.train}")
+    # Training runs first: on CPU, generating beforehand leaves the allocator in a state that makes the
+    # training steps about twice as slow. The order changes nothing in the scores.
+    print(f"[1/3] fine-tuning {config.model.name_or_path} on {config.data.train}")
     result = train(config)
+    print(f"[2/3] scoring the base model on {len(prompts)} held-out rows (greedy)")
+    before = score_model(config.model.name_or_path, prompts, references)
     print("[3/3] scoring the fine-tuned model on the same rows")
     after = score_model(str(result.run_dir), prompts, references)
 
