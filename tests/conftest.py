@@ -29,7 +29,7 @@ def shared_path(*parts: str) -> Path:
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Hello! How are you? I am fine, thank you.",
-    "Extract the JSON: name, city, quantity. {\"item\": \"lamp\", \"quantity\": 3}",
+    'Extract the JSON: name, city, quantity. {"item": "lamp", "quantity": 3}',
     "### Instruction: ### Input: ### Response: system user assistant",
     "0 1 2 3 4 5 6 7 8 9 10 42 100",
 ]

@@ -22,8 +22,10 @@ def test_every_shipped_yaml_validates(path: Path):
 
 
 def test_overrides_are_typed_and_dotted(tmp_path):
-    config = load_config({"data": {"train": "x.json"}}, ["train.learning_rate=1e-4", "train.max_steps=7",
-                                                         "template.mask=last_assistant", "train.max_grad_norm=null"])  # fmt: skip
+    config = load_config(
+        {"data": {"train": "x.json"}},
+        ["train.learning_rate=1e-4", "train.max_steps=7", "template.mask=last_assistant", "train.max_grad_norm=null"],
+    )
     assert config.train.learning_rate == 1e-4 and config.train.max_steps == 7
     assert config.template.mask == "last_assistant" and config.train.max_grad_norm is None
 
@@ -61,8 +63,11 @@ def test_python_api_accepts_the_same_config(tiny_model_dir, tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"prompt": "a", "completion": "b"}\n' * 3)
     result = sftune.train(
-        {"model": {"name_or_path": str(tiny_model_dir)}, "data": {"train": str(rows)},
-         "output": {"dir": str(tmp_path / "run")}},
+        {
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "data": {"train": str(rows)},
+            "output": {"dir": str(tmp_path / "run")},
+        },
         overrides=["train.max_steps=1", "train.progress=false"],
-    )  # fmt: skip
+    )
     assert result.global_step == 1

@@ -13,7 +13,9 @@ __all__ = ["Config", "ConfigError", "load_config", "train"]
 __version__ = "0.1.0"
 
 
-def train(config: Config | dict[str, Any] | str, overrides: list[str] | None = None, resume: str | None = None) -> TrainResult:
+def train(
+    config: Config | dict[str, Any] | str, overrides: list[str] | None = None, resume: str | None = None
+) -> TrainResult:
     """Fine-tune as `sftune train` does: a Config, a dict or a YAML path, with optional dotted overrides."""
     from sftune.recipes.sft import train as run
 

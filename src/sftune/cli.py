@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-4")
     train.add_argument("--resume", help="'auto' (newest checkpoint of the run) or a checkpoint folder")
     train.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    train.epilog = "config keys (section.key: description):\n" + describe_config()
+    train.formatter_class = argparse.RawDescriptionHelpFormatter
 
     generate = commands.add_parser("generate", help="generate a reply with the template saved at training")
     generate.add_argument("model", help="run folder, model folder, .gguf file or named model")
@@ -45,6 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="run folder (replaced if it exists)")
     demo.add_argument("overrides", nargs="*", help="dotted overrides of the demo config")
     return parser
+
+
+def describe_config() -> str:
+    """Every config key with its one-line description: the schema is the CLI help."""
+    from sftune.config import Config
+
+    lines = []
+    for section, field in Config.model_fields.items():
+        annotation = field.annotation
+        for key, sub in getattr(annotation, "model_fields", {}).items():
+            lines.append(f"  {section}.{key}: {sub.description}")
+    return "\n".join(lines)
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -72,7 +86,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 def quiet_library_import_noise() -> None:
-    """torchao (imported by transformers) warns about CUDA-only kernels it cannot load on CPU; not our users' concern."""
+    """torchao (imported by transformers) warns about CUDA-only kernels it cannot load on CPU: noise for users."""
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

@@ -118,7 +118,9 @@ def test_last_assistant_and_all_modes(smollm2_tokenizer):
 
 def test_literal_bos_in_text_is_a_double_bos_error():
     tok = AutoTokenizer.from_pretrained(shared_path("tokenizers", "llama2"))
-    template = ChatTemplate("bos-twice", "{{ bos_token }}{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}")
+    template = ChatTemplate(
+        "bos-twice", "{{ bos_token }}{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}"
+    )
     with pytest.raises(TemplateError, match="two BOS"):
         build_example(tok, template, CONVERSATION)
 
@@ -144,7 +146,8 @@ def test_truncation_policies(smollm2_tokenizer):
 
 def test_template_without_end_token_is_reported(smollm2_tokenizer):
     template = ChatTemplate(
-        "no-eos", "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+        "no-eos",
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
         "{% if add_generation_prompt %}assistant: {% endif %}",
     )
     example = build_example(smollm2_tokenizer, template, CONVERSATION)

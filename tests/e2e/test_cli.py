@@ -57,9 +57,11 @@ def test_user_mistakes_are_one_clear_message(tmp_path, tiny_model_dir, capsys):
 def test_console_script_runs_in_a_fresh_process(tmp_path, tiny_model_dir):
     config = write_config(tmp_path, tiny_model_dir, REPO / "examples" / "data" / "alpaca_tiny.json", max_steps=1)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "sftune.cli", "train", str(config)], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "sftune.cli", "train", str(config)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
-    again = subprocess.run([sys.executable, "-m", "sftune.cli", "train", str(config)], env=env,
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    again = subprocess.run(
+        [sys.executable, "-m", "sftune.cli", "train", str(config)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr

@@ -26,8 +26,15 @@ pytestmark = [
 )
 def test_default_model_trains_saves_and_generates(tmp_path, example, data_file, expected_format, capsys):
     run = tmp_path / "run"
-    overrides = [f"output.dir={run}", "train.max_steps=2", "train.micro_batch_size=2", "train.progress=false",
-                 "train.num_threads=1", "train.checkpoint_every=null", "train.eval_every=null"]  # fmt: skip
+    overrides = [
+        f"output.dir={run}",
+        "train.max_steps=2",
+        "train.micro_batch_size=2",
+        "train.progress=false",
+        "train.num_threads=1",
+        "train.checkpoint_every=null",
+        "train.eval_every=null",
+    ]
     assert main(["train", str(REPO / "examples" / example), *overrides]) == 0
     summary = json.loads((run / "data_summary.json").read_text())
     assert set(summary["formats"]) == {expected_format} and summary["rows_rejected"] == 0
@@ -39,8 +46,12 @@ def test_default_model_trains_saves_and_generates(tmp_path, example, data_file, 
     generation = GenerationConfig.from_pretrained(run / "model")
     eos = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in eos
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Say hi in Spanish."}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)  # fmt: skip
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Say hi in Spanish."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     reply = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert reply.strip()

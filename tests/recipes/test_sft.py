@@ -23,8 +23,17 @@ def write_alpaca(path: Path, count: int = 14) -> Path:
 
 
 def tiny_config(tmp_path: Path, model_dir: Path, **train_overrides):
-    train = {"micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 6, "learning_rate": 1e-3,
-             "warmup_steps": 2, "progress": False, "checkpoint_every": 3, "keep_checkpoints": 3, **train_overrides}  # fmt: skip
+    train = {
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "max_steps": 6,
+        "learning_rate": 1e-3,
+        "warmup_steps": 2,
+        "progress": False,
+        "checkpoint_every": 3,
+        "keep_checkpoints": 3,
+        **train_overrides,
+    }
     return load_config(
         {
             "model": {"name_or_path": str(model_dir)},
@@ -72,6 +81,16 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
         assert torch.equal(a[name], b[name]), name
     base = load_file(str(tiny_model_dir / "model.safetensors"))
     assert any(not torch.equal(a[n], base[n]) for n in base)  # training did change the weights
+    records = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))  # no step logged twice
+
+
+def test_bf16_true_and_gradient_checkpointing_train(tmp_path, tiny_model_dir):
+    config = tiny_config(
+        tmp_path, tiny_model_dir, max_steps=2, checkpoint_every=None, precision="bf16-true", gradient_checkpointing=True
+    )
+    result = train(config)
+    assert result.final_loss is not None and result.final_loss > 0
 
 
 def test_existing_output_is_never_overwritten_silently(tmp_path, tiny_model_dir):
@@ -93,7 +112,8 @@ def test_saved_model_loads_and_stops_at_end_of_turn(tmp_path, tiny_model_dir):
     end_ids = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in end_ids
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Repeat 3"}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)  # fmt: skip
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Repeat 3"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(**ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]

@@ -73,7 +73,9 @@ def test_selected_head_loss_equals_full_logits_reference(tiny_model_dir):
         ours = token_loss_sum(model, batch)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         reference = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), batch.labels[:, 1:].reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum",
-        )  # fmt: skip
+            logits[:, :-1].reshape(-1, logits.size(-1)),
+            batch.labels[:, 1:].reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-5)

@@ -22,14 +22,21 @@ from sftune.data.dataset import PreparedData, build_examples
 from sftune.data.formats import read_conversations, split_validation
 from sftune.data.templates import ChatTemplate, install_template, resolve_template
 from sftune.data.types import Example, Rejection
-from sftune.model.load import bf16_supported, load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
+from sftune.model.load import (
+    bf16_supported,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_path,
+)
 from sftune.model.save import end_of_turn_ids, save_model_folder
 from sftune.training.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from sftune.training.loss import token_loss_sum
-from sftune.training.step import backward_window
 from sftune.training.manifest import write_manifest
 from sftune.training.metrics import MetricsLog, Throughput, perplexity, plot_loss_curve, progress_bar
 from sftune.training.optim import build_optimizer, build_scheduler
+from sftune.training.step import backward_window
 
 
 class RunError(RuntimeError):
@@ -67,9 +74,14 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
     model.train()
     while state.global_step < total_steps:
         indices = window_micro_batches(
-            len(data.train), cfg.seed, state.epoch, state.window,
-            cfg.micro_batch_size, cfg.gradient_accumulation_steps, config.data.shuffle,
-        )  # fmt: skip
+            len(data.train),
+            cfg.seed,
+            state.epoch,
+            state.window,
+            cfg.micro_batch_size,
+            cfg.gradient_accumulation_steps,
+            config.data.shuffle,
+        )
         batches = [collate([data.train[i] for i in idx], pad_id).to(device) for idx in indices]
         step_loss = backward_window(model, batches, autocast)
         throughput.add(sum(b.num_tokens for b in batches))
@@ -85,7 +97,9 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
             log_step(log, bar, state, step_loss, lr, grad_norm, throughput.rate())
         bar.update(1)
         if data.validation and cfg.eval_every and state.global_step % cfg.eval_every == 0:
-            val_loss = evaluate_and_log(model, data.validation, cfg.micro_batch_size, pad_id, device, autocast, log, state)
+            val_loss = evaluate_and_log(
+                model, data.validation, cfg.micro_batch_size, pad_id, device, autocast, log, state
+            )
         if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
             save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state, cfg.keep_checkpoints)
     bar.close()
@@ -150,7 +164,9 @@ def setup_data(config: Config, tokenizer: Any, template: ChatTemplate, run_dir: 
         rows_in += len(validation_rows) + len(val_rejections)
         rejections += val_rejections
     else:
-        conversations, validation_rows = split_validation(conversations, data_cfg.validation_fraction, config.train.seed)
+        conversations, validation_rows = split_validation(
+            conversations, data_cfg.validation_fraction, config.train.seed
+        )
     train_examples, train_rejected = build_examples(conversations, tokenizer, template, data_cfg, config.template)
     val_examples, val_rejected = build_examples(validation_rows, tokenizer, template, data_cfg, config.template)
     data = PreparedData(train_examples, val_examples, rejections + train_rejected + val_rejected, rows_in, formats)
@@ -197,13 +213,16 @@ def check_trainable(data: PreparedData, max_length: int) -> None:
 def setup_model(config: Config, tokenizer: Any, device: torch.device, precision: str) -> Any:
     dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
     model = load_model(
-        resolve_model_path(config.model.name_or_path), dtype, device,
-        config.model.trust_remote_code, config.model.revision,
-    )  # fmt: skip
+        resolve_model_path(config.model.name_or_path),
+        dtype,
+        device,
+        config.model.trust_remote_code,
+        config.model.revision,
+    )
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))  # the template added special tokens
     if config.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model
 
@@ -221,6 +240,7 @@ def restore_state(resume: str | None, run_dir: Path, model: Any, optimizer: Any,
     if checkpoint is None:
         return TrainerState(global_step=0, epoch=0, window=0)
     state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    MetricsLog(run_dir / "metrics.jsonl").truncate_after(state.global_step)
     print(f"resumed from {checkpoint} at step {state.global_step} (epoch {state.epoch}, window {state.window})")
     return state
 
@@ -251,8 +271,17 @@ def advance(state: TrainerState, steps_per_epoch: int, tokens: int) -> TrainerSt
 def log_step(
     log: MetricsLog, bar: Any, state: TrainerState, loss: float, lr: float, grad_norm: float, tokens_per_s: float
 ) -> None:
-    log.write({"step": state.global_step, "epoch": state.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-               "tokens_per_s": tokens_per_s, "tokens_seen": state.tokens_seen})  # fmt: skip
+    log.write(
+        {
+            "step": state.global_step,
+            "epoch": state.epoch,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "tokens_seen": state.tokens_seen,
+        }
+    )
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
 
 
@@ -273,9 +302,15 @@ def evaluate(
 
 
 def evaluate_and_log(
-    model: Any, examples: list[Example], micro_batch_size: int, pad_id: int, device: torch.device,
-    autocast: Any, log: MetricsLog, state: TrainerState,
-) -> float:  # fmt: skip
+    model: Any,
+    examples: list[Example],
+    micro_batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    autocast: Any,
+    log: MetricsLog,
+    state: TrainerState,
+) -> float:
     val_loss = evaluate(model, examples, micro_batch_size, pad_id, device, autocast)
     log.write({"step": state.global_step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
     print(f"step {state.global_step}: validation loss {val_loss:.4f}, perplexity {perplexity(val_loss):.2f}")
@@ -286,9 +321,16 @@ def evaluate_and_log(
 
 
 def save_outputs(
-    config: Config, run_dir: Path, model: Any, tokenizer: Any, template: ChatTemplate,
-    data: PreparedData, state: TrainerState, device: torch.device, precision: str,
-) -> Path:  # fmt: skip
+    config: Config,
+    run_dir: Path,
+    model: Any,
+    tokenizer: Any,
+    template: ChatTemplate,
+    data: PreparedData,
+    state: TrainerState,
+    device: torch.device,
+    precision: str,
+) -> Path:
     save_dtype_name = config.output.save_dtype if config.output.save_dtype != "auto" else config.model.dtype
     save_dtype = resolve_dtype(save_dtype_name, device)
     end_ids = {i for e in data.train for i in e.end_token_ids}

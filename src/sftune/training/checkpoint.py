@@ -95,7 +95,9 @@ def find_resume_checkpoint(resume: str, checkpoints_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> TrainerState:
     weights = load_file(str(path / "trainable.safetensors"))
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:

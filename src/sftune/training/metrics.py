@@ -21,6 +21,11 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records of steps after the checkpoint, which the resumed run will redo."""
+        kept = [r for r in self.read() if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
