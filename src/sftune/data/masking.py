@@ -82,7 +82,8 @@ def label_spans(
 ) -> tuple[list[int], list[int], int]:
     """Labels for each token; returns (labels, end token ids, turns that had no special end token)."""
     labels = [IGNORE_INDEX] * len(ids)
-    end_ids, without_end = [], 0
+    end_ids: list[int] = []
+    without_end = 0
     for start, end in spans:
         in_span = [k for k in range(len(ids)) if _in(k, offsets, start, end)]
         if not in_span:
@@ -122,10 +123,9 @@ def build_example(
     else:
         text, spans = assistant_char_spans(tokenizer, template, conversation, mode)
         ids, offsets = tokenize_rendered(tokenizer, text)
+        labels, end_ids, without_end = label_spans(ids, offsets, spans, specials)
         if mode == "all":
-            labels, end_ids, without_end = list(ids), [], 0
-        else:
-            labels, end_ids, without_end = label_spans(ids, offsets, spans, specials)
+            labels = list(ids)
         example = Example(ids, labels, conversation.source, tuple(end_ids), without_end)
     return apply_truncation(example, max_length, truncation)
 

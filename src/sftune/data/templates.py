@@ -34,7 +34,7 @@ class ChatTemplate:
 
 
 def read_builtin(name: str) -> str:
-    return resources.files("sftune.data").joinpath("templates", f"{name}.jinja").read_text()
+    return resources.files("sftune.data").joinpath(f"templates/{name}.jinja").read_text()
 
 
 def resolve_template(name: str, tokenizer: Any) -> ChatTemplate:

@@ -86,7 +86,7 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
         step_loss = backward_window(model, batches, autocast)
         throughput.add(sum(b.num_tokens for b in batches))
         grad_norm = clip_gradients(model, cfg.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
+        lr = float(scheduler.get_last_lr()[0])  # the rate this step uses
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -212,17 +212,17 @@ def check_trainable(data: PreparedData, max_length: int) -> None:
 
 def setup_model(config: Config, tokenizer: Any, device: torch.device, precision: str) -> Any:
     dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
-    model = load_model(
+    model: Any = load_model(
         resolve_model_path(config.model.name_or_path),
         dtype,
         device,
         config.model.trust_remote_code,
         config.model.revision,
     )
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))  # the template added special tokens
     if config.train.gradient_checkpointing:
-        model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model
 
