@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from sftune.config import ConfigError, load_config
 
@@ -17,9 +18,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from sftune.data.formats import DataError
     from sftune.data.templates import TemplateError
     from sftune.model.load import ModelLoadError
+    from sftune.model.lora import AdapterError
     from sftune.recipes.sft import RunError
 
-    return (*USER_ERRORS, DataError, TemplateError, ModelLoadError, RunError)
+    return (*USER_ERRORS, DataError, TemplateError, ModelLoadError, AdapterError, RunError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--device", default="auto")
+
+    merge = commands.add_parser("merge", help="fold a LoRA/QLoRA adapter into its fp32 base: a plain HF folder")
+    merge.add_argument("adapter", help="adapter folder (or a run folder whose model/ holds one)")
+    merge.add_argument("--out", required=True, help="folder for the merged model")
+
+    data = commands.add_parser("data", help="prove the data before training: check it, or inspect the loss mask")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    check = data_commands.add_parser("check", help="counts, lengths, mask checks, padding waste, memory estimate")
+    check.add_argument("config", help="YAML config file (the one you would train with)")
+    check.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=512")
+    check.add_argument("--strict", action="store_true", help="exit 1 when any check fails")
+    check.add_argument("--rejects", help="write every dropped row with its reason to this JSONL file")
+    check.add_argument("--json", help="write the report as JSON to this file")
+    inspect = data_commands.add_parser("inspect", help="print examples with the supervised tokens highlighted")
+    inspect.add_argument("config", help="YAML config file (the one you would train with)")
+    inspect.add_argument("overrides", nargs="*", help="dotted overrides, e.g. template.mask=last_assistant")
+    inspect.add_argument("-n", type=int, default=3, help="how many examples to show (from the first row)")
+    inspect.add_argument("--ids", action="store_true", help="show token ids")
+    inspect.add_argument("--boundaries", action="store_true", help="mark where each token starts with |")
+    inspect.add_argument("--html", help="also write the examples as a self-contained HTML page to this file")
 
     demo = commands.add_parser("demo", help="fine-tune the default model on the shipped task; before/after table")
     demo.add_argument("--out", default="runs/demo", help="run folder (replaced if it exists)")
@@ -79,6 +101,33 @@ def run_generate(args: argparse.Namespace) -> None:
     print(generate_batch(model, tokenizer, [messages], args.max_new_tokens, args.temperature, args.top_p)[0])
 
 
+def run_merge(args: argparse.Namespace) -> None:
+    from sftune.infer.generate import resolve_model_dir
+    from sftune.model.lora import merge_adapter
+
+    out = merge_adapter(resolve_model_dir(args.adapter), args.out)
+    print(f"merged model in {out}")
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from sftune.data.inspect import render_ansi, render_html, render_legend_ansi
+    from sftune.recipes.data_check import first_examples, run_check
+
+    config = load_config(args.config, list(args.overrides))
+    if args.data_command == "check":
+        report = run_check(config, args.rejects, args.json)
+        print(report.to_text())
+        return 1 if args.strict and report.failed_checks() else 0
+    examples, tokenizer = first_examples(config, args.n)
+    print(render_legend_ansi())
+    for example in examples:
+        print(render_ansi(example, tokenizer, args.ids, args.boundaries))
+    if args.html:
+        Path(args.html).write_text(render_html(examples, tokenizer, args.ids, args.boundaries))
+        print(f"wrote {args.html}")
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> None:
     from sftune.recipes.demo import run_demo as demo
 
@@ -94,13 +143,13 @@ def quiet_library_import_noise() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_library_import_noise()
     args = build_parser().parse_args(argv)
-    handlers = {"train": run_train, "generate": run_generate, "demo": run_demo}
+    handlers = {"train": run_train, "generate": run_generate, "merge": run_merge, "demo": run_demo, "data": run_data}
     try:
-        handlers[args.command](args)
+        code = handlers[args.command](args)
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -57,6 +57,11 @@ class DataConfig(_Section):
     )
     shuffle: bool = Field(True, description="Shuffle training rows each epoch (seeded by train.seed).")
     max_rows: int | None = Field(None, gt=0, description="Read only the first N rows of each data file.")
+    proceed_on_failed_checks: bool = Field(
+        False,
+        description="Train even when a loss-mask check fails (end token not supervised, double BOS, "
+        "training/inference parity); see data_report.txt.",
+    )
 
 
 class TemplateConfig(_Section):
@@ -71,7 +76,24 @@ class TemplateConfig(_Section):
     )
 
 
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0, description="LoRA rank: inner dimension of the low-rank update B @ A.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the input of the LoRA branch.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Linear layers that get adapters: all-linear (every linear of the transformer blocks, "
+        "not the output layer) or a list of module names, e.g. [q_proj, v_proj].",
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r.")
+    use_dora: bool = Field(False, description="DoRA: learn a magnitude vector on top of the LoRA direction.")
+
+
 class TrainConfig(_Section):
+    method: Literal["full", "lora", "qlora"] = Field(
+        "full",
+        description="full: train every weight; lora: train adapters on a frozen base; qlora: lora on a 4-bit NF4 base.",
+    )
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to norms and biases).")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
@@ -113,6 +135,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Which model to fine-tune.")
     data: DataConfig = Field(..., description="Where the data is and how to read it.")
     template: TemplateConfig = Field(default_factory=TemplateConfig, description="Chat template and mask.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapters (used when train.method is lora/qlora).")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
 

@@ -117,3 +117,40 @@ def test_saved_model_loads_and_stops_at_end_of_turn(tmp_path, tiny_model_dir):
     )
     out = model.generate(**ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_lora_resume_equals_uninterrupted_and_base_is_untouched(tmp_path, tiny_model_dir):
+    uninterrupted = train(tiny_config(tmp_path / "a", tiny_model_dir, method="lora"))
+    crashed = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", crashed)
+    shutil.rmtree(crashed / "run" / "model")
+    for checkpoint in (crashed / "run" / "checkpoints").iterdir():
+        if checkpoint.name != "step-00000003":
+            shutil.rmtree(checkpoint)
+    resumed = train(tiny_config(crashed, tiny_model_dir, method="lora"), resume="auto")
+
+    checkpoint = load_file(str(crashed / "run" / "checkpoints" / "step-00000003" / "trainable.safetensors"))
+    assert checkpoint and all(".lora_A." in n or ".lora_B." in n for n in checkpoint)  # adapters only
+    a = load_file(str(uninterrupted.model_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.model_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert any(n.endswith("lora_B.weight") and t.abs().sum() > 0 for n, t in a.items())  # training moved B off 0
+    assert not (uninterrupted.model_dir / "model.safetensors").exists()  # an adapter, not a copy of the base
+
+
+def test_qlora_run_merges_and_generates_like_the_adapter(tmp_path, tiny_model_dir, capsys):
+    from sftune.cli import main
+
+    result = train(tiny_config(tmp_path, tiny_model_dir, method="qlora", max_steps=2, checkpoint_every=None))
+    assert json.loads((result.model_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    merged = tmp_path / "merged"
+    assert main(["merge", str(result.run_dir), "--out", str(merged)]) == 0
+    assert (merged / "config.json").is_file() and (merged / "generation_config.json").is_file()
+    capsys.readouterr()
+    replies = []
+    for folder in (result.run_dir, merged):
+        assert main(["generate", str(folder), "--prompt", "Repeat 3", "--max-new-tokens", "6"]) == 0
+        replies.append(capsys.readouterr().out)
+    assert replies[0] == replies[1]  # generate on the adapter run == generate on the merged folder

@@ -10,19 +10,25 @@ import torch
 from sftune.data.masking import tokenize_rendered
 from sftune.data.templates import ChatTemplate, TemplateError, render
 from sftune.model.load import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
+from sftune.model.lora import is_adapter_folder, load_merged
 
 
 def resolve_model_dir(path: str) -> str:
     """A run folder holds its model in model/; accept either, and the named/hub/gguf models too."""
     candidate = Path(path) / "model"
-    return str(candidate) if (candidate / "config.json").is_file() else resolve_model_path(path)
+    if (candidate / "config.json").is_file() or is_adapter_folder(candidate):
+        return str(candidate)
+    return path if is_adapter_folder(path) else resolve_model_path(path)
 
 
 def load_for_inference(path: str, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
     model_dir = resolve_model_dir(path)
     torch_device = resolve_device(device)
-    tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, resolve_dtype(dtype, torch_device), torch_device)
+    if is_adapter_folder(model_dir):  # a LoRA/QLoRA run: the base named in it, in full precision, + the adapter
+        model, tokenizer = load_merged(model_dir, resolve_dtype(dtype, torch_device), torch_device)
+    else:
+        tokenizer = load_tokenizer(model_dir)
+        model = load_model(model_dir, resolve_dtype(dtype, torch_device), torch_device)
     model.eval()
     return model, tokenizer
 

@@ -18,6 +18,7 @@ import torch
 
 from sftune.config import Config, config_to_yaml
 from sftune.data.batching import Batch, accumulation_windows, collate, window_micro_batches
+from sftune.data.check import MASK_CHECKS, DataReport, check_data, load_model_config
 from sftune.data.dataset import PreparedData, build_examples
 from sftune.data.formats import read_conversations, split_validation
 from sftune.data.templates import ChatTemplate, install_template, resolve_template
@@ -30,7 +31,8 @@ from sftune.model.load import (
     resolve_dtype,
     resolve_model_path,
 )
-from sftune.model.save import end_of_turn_ids, save_model_folder
+from sftune.model.lora import prepare_model, save_trained
+from sftune.model.save import end_of_turn_ids
 from sftune.training.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from sftune.training.loss import token_loss_sum
 from sftune.training.manifest import write_manifest
@@ -157,6 +159,7 @@ def setup_tokenizer(config: Config) -> tuple[Any, ChatTemplate]:
 
 def setup_data(config: Config, tokenizer: Any, template: ChatTemplate, run_dir: Path) -> PreparedData:
     data_cfg = config.data
+    run_data_check(config, tokenizer, template, run_dir)
     conversations, rejections, formats = read_conversations(data_cfg.train, data_cfg)
     rows_in = len(conversations) + len(rejections)
     if data_cfg.validation:
@@ -172,8 +175,26 @@ def setup_data(config: Config, tokenizer: Any, template: ChatTemplate, run_dir: 
     data = PreparedData(train_examples, val_examples, rejections + train_rejected + val_rejected, rows_in, formats)
     write_rejections(run_dir / "rejected.jsonl", data.rejections)
     report_data(data, run_dir)
-    check_trainable(data, data_cfg.max_length)
+    check_trainable(data, data_cfg.max_length, allow_missing_end_token=data_cfg.proceed_on_failed_checks)
     return data
+
+
+def run_data_check(config: Config, tokenizer: Any, template: ChatTemplate, run_dir: Path) -> DataReport:
+    """Prove the data first (saved as data_report.json/.txt); a failed mask check stops the run unless allowed."""
+    model_config = load_model_config(resolve_model_path(config.model.name_or_path))
+    report = check_data(config, tokenizer, template, model_config)
+    (run_dir / "data_report.json").write_text(report.to_json())
+    (run_dir / "data_report.txt").write_text(report.to_text() + "\n")
+    print(report.to_text())
+    failed = report.failed_checks(MASK_CHECKS)
+    if failed and not config.data.proceed_on_failed_checks:
+        names = ", ".join(f"{c.name} ({c.failures} of {c.checked}, first: {c.first_source})" for c in failed)
+        raise RunError(
+            f"the loss mask fails checks: {names}. Training on it would teach the wrong tokens (see data_report.txt "
+            "in the run folder, and `sftune data inspect` to look at examples): fix the template or data, or set "
+            "data.proceed_on_failed_checks=true to train anyway"
+        )
+    return report
 
 
 def write_rejections(path: Path, rejections: list[Rejection]) -> None:
@@ -194,7 +215,7 @@ def report_data(data: PreparedData, run_dir: Path) -> None:
     )
 
 
-def check_trainable(data: PreparedData, max_length: int) -> None:
+def check_trainable(data: PreparedData, max_length: int, allow_missing_end_token: bool = False) -> None:
     if not data.train:
         reasons = data.rejected_by_reason()
         raise RunError(
@@ -202,7 +223,7 @@ def check_trainable(data: PreparedData, max_length: int) -> None:
             f"data.max_length (now {max_length}) or set data.truncation=truncate"
         )
     missing_end = [e for e in data.train if e.turns_without_end_token]
-    if missing_end:
+    if missing_end and not allow_missing_end_token:
         raise RunError(
             f"{len(missing_end)} examples (first: {missing_end[0].source}) have assistant turns that the template "
             "closes with no end-of-turn token: the model would never learn to stop. Use a template that ends "
@@ -224,7 +245,7 @@ def setup_model(config: Config, tokenizer: Any, device: torch.device, precision:
     if config.train.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    return model
+    return prepare_model(model, config)  # full / lora / qlora: which parameters train, whether the base is 4-bit
 
 
 def count_total_steps(config: Config, num_examples: int) -> int:
@@ -334,7 +355,9 @@ def save_outputs(
     save_dtype_name = config.output.save_dtype if config.output.save_dtype != "auto" else config.model.dtype
     save_dtype = resolve_dtype(save_dtype_name, device)
     end_ids = {i for e in data.train for i in e.end_token_ids}
-    model_dir = save_model_folder(model, tokenizer, run_dir / "model", save_dtype, end_of_turn_ids(tokenizer, end_ids))
+    base_path = resolve_model_path(config.model.name_or_path)
+    eos_ids = end_of_turn_ids(tokenizer, end_ids)
+    model_dir = save_trained(model, tokenizer, run_dir / "model", config.train.method, save_dtype, eos_ids, base_path)
     records = MetricsLog(run_dir / "metrics.jsonl").read()
     plot_loss_curve(records, run_dir / "loss.png")
     extra = {

@@ -13,6 +13,8 @@ from sftune.data.types import IGNORE_INDEX
 
 def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
     """The transformer body and LM head of a plain *ForCausalLM, or None when logits need model-specific work."""
+    if hasattr(model, "get_base_model"):  # a PEFT model: its LoRA layers live inside the wrapped *ForCausalLM
+        model = model.get_base_model()
     config = getattr(model, "config", None)
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return None

@@ -1,0 +1,97 @@
+"""Show which tokens of an example are trained: ANSI colour for the terminal, or a self-contained HTML page.
+
+Consecutive tokens with the same supervision are decoded together, so the text reads exactly as the model sees
+it; `boundaries` decodes token by token instead and marks where each one starts, `ids` adds the token ids.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from typing import Any
+
+from sftune.data.types import IGNORE_INDEX, Example
+
+SUPERVISED_ANSI = "\x1b[1;42;30m"  # black on green: trained
+PROMPT_ANSI = "\x1b[2m"  # dim: context only
+RESET_ANSI = "\x1b[0m"
+LEGEND = "legend: {sup}supervised (trained){reset}  {dim}context (not trained){reset}"
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of text that is either all supervised or all context, with the token ids it decodes from."""
+
+    text: str
+    supervised: bool
+    token_ids: tuple[int, ...]
+
+
+def split_pieces(example: Example, tokenizer: Any, boundaries: bool = False) -> list[Piece]:
+    """Runs of equally supervised tokens (one piece per token when `boundaries`), decoded with special tokens."""
+    pieces: list[Piece] = []
+    current: list[int] = []
+    flags = [label != IGNORE_INDEX for label in example.labels]
+    for index, token in enumerate(example.input_ids):
+        current.append(token)
+        last = index + 1 == len(example.input_ids)
+        if boundaries or last or flags[index + 1] != flags[index]:
+            pieces.append(Piece(tokenizer.decode(current), flags[index], tuple(current)))
+            current = []
+    return pieces
+
+
+def supervised_text(example: Example, tokenizer: Any) -> list[str]:
+    """The decoded supervised runs of an example: what the highlighting marks."""
+    return [piece.text for piece in split_pieces(example, tokenizer) if piece.supervised]
+
+
+def render_ansi(example: Example, tokenizer: Any, ids: bool = False, boundaries: bool = False) -> str:
+    parts = [f"── {example.source or 'example'}: {len(example.input_ids)} tokens, {example.num_supervised} supervised"]
+    body = []
+    for piece in split_pieces(example, tokenizer, boundaries):
+        colour = SUPERVISED_ANSI if piece.supervised else PROMPT_ANSI
+        body.append(f"{colour}{_decorate(piece, ids, boundaries)}{RESET_ANSI}")
+    parts.append("".join(body))
+    return "\n".join(parts)
+
+
+def render_legend_ansi() -> str:
+    return LEGEND.format(sup=SUPERVISED_ANSI, dim=PROMPT_ANSI, reset=RESET_ANSI)
+
+
+def _decorate(piece: Piece, ids: bool, boundaries: bool) -> str:
+    text = piece.text
+    if ids:
+        text = f"{text}[{' '.join(map(str, piece.token_ids))}]"
+    return f"|{text}" if boundaries else text
+
+
+def render_html(examples: list[Example], tokenizer: Any, ids: bool = False, boundaries: bool = False) -> str:
+    """A self-contained page: supervised tokens on green, context greyed, one block per example."""
+    blocks = []
+    for example in examples:
+        spans = []
+        for piece in split_pieces(example, tokenizer, boundaries):
+            title = " ".join(map(str, piece.token_ids))
+            css = "sup" if piece.supervised else "ctx"
+            spans.append(f'<span class="{css}" title="{title}">{html.escape(_decorate(piece, ids, boundaries))}</span>')
+        header = html.escape(f"{example.source}: {len(example.input_ids)} tokens, {example.num_supervised} supervised")
+        blocks.append(f"<h2>{header}</h2>\n<pre>{''.join(spans)}</pre>")
+    return HTML_PAGE.format(body="\n".join(blocks))
+
+
+HTML_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>sftune data inspect</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }}
+pre {{ white-space: pre-wrap; font-size: 14px; line-height: 1.5; border: 1px solid #ccc; padding: 1em; }}
+.sup {{ background: #b6f2b6; }}
+.ctx {{ color: #888; }}
+h2 {{ font-size: 15px; }}
+</style></head><body>
+<p>legend: <span class="sup">supervised (trained)</span> <span class="ctx">context (not trained)</span>;
+hover a span for its token ids</p>
+{body}
+</body></html>
+"""
