@@ -3,13 +3,15 @@
     python bench/methods.py [--steps 4] [--max-length 256]
 
 Each method runs `sftune train` for a few steps in its own subprocess (so peak RSS is that method's alone) and
-the numbers are reported as ratios against full fine-tuning measured in the same invocation. Not a test.
+the numbers (peak RSS, median tokens/s after the first step) are reported as ratios against full fine-tuning
+measured in the same invocation. Run it on an otherwise idle machine. Not a test.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,14 +43,15 @@ def run_method(method: str, steps: int, max_length: int, out_root: Path) -> dict
         "train.checkpoint_every=null",
         "train.eval_every=null",
         "train.precision=fp32",
+        "train.seed=0",
     ]
     done = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, check=False)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCH ")), None)
     if line is None or json.loads(line[6:])["rc"] != 0:
         raise RuntimeError(f"{method} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:] or [0.0]  # skip the warm-up step
-    return {"peak_rss_gib": json.loads(line[6:])["max_rss_kib"] / 2**20, "tokens_per_s": sum(rates) / len(rates)}
+    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:] or [0.0]  # drop the warm-up step
+    return {"peak_rss_gib": json.loads(line[6:])["max_rss_kib"] / 2**20, "tokens_per_s": statistics.median(rates)}
 
 
 def main() -> None:

@@ -143,6 +143,11 @@ class Config(_Section):
     def _check_consistency(self) -> Config:
         if self.data.validation and self.data.validation_fraction:
             raise ValueError("set data.validation or data.validation_fraction, not both")
+        if self.train.method == "qlora" and self.lora.use_dora:
+            raise ValueError(
+                "lora.use_dora=true does not work with train.method=qlora (PEFT's DoRA cannot read the NF4 base "
+                "weights): set lora.use_dora=false or use train.method=lora"
+            )
         return self
 
 

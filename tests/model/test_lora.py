@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sftune.config import Config, load_config
+from sftune.config import Config, ConfigError, load_config
 from sftune.model.load import load_model, load_tokenizer
 from sftune.model.lora import (
     count_parameters,
@@ -92,6 +92,14 @@ def test_scaler_block_size_divides_the_block_count():
         size = nf4_scaler_block_size(blocks)
         assert blocks % size == 0 and size <= 256
     assert nf4_scaler_block_size(4096) == 256 and nf4_scaler_block_size(1728) == 216  # SmolLM2 k_proj
+
+
+def test_dora_with_qlora_is_a_config_error_and_dora_with_lora_trains(tiny_model_dir):
+    with pytest.raises(ConfigError, match="use_dora"):
+        method_config("qlora", use_dora=True)
+    model = prepared(tiny_model_dir, "lora", use_dora=True)
+    assert any(".lora_magnitude_vector." in n for n, p in model.named_parameters() if p.requires_grad)
+    train_steps(model, steps=1)
 
 
 def test_full_trains_everything_and_lora_only_adapters_of_block_linears(tiny_model_dir):

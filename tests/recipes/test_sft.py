@@ -154,3 +154,24 @@ def test_qlora_run_merges_and_generates_like_the_adapter(tmp_path, tiny_model_di
         assert main(["generate", str(folder), "--prompt", "Repeat 3", "--max-new-tokens", "6"]) == 0
         replies.append(capsys.readouterr().out)
     assert replies[0] == replies[1]  # generate on the adapter run == generate on the merged folder
+
+
+def test_lora_trains_and_saves_the_rows_of_tokens_the_template_added(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftune.model.lora import merge_adapter
+
+    config = tiny_config(tmp_path, tiny_model_dir, method="lora", max_steps=2, checkpoint_every=None)
+    config.template.name = "llama3"  # its header / end-of-turn tokens are not in the tiny tokenizer
+    result = train(config)
+    base_vocab = load_file(str(tiny_model_dir / "model.safetensors"))["model.embed_tokens.weight"].shape[0]
+    tokenizer = AutoTokenizer.from_pretrained(result.model_dir)
+    added = len(tokenizer) - base_vocab
+    assert added > 0 and tokenizer.convert_tokens_to_ids("<|eot_id|>") >= base_vocab
+    adapter = load_file(str(result.model_dir / "adapter_model.safetensors"))
+    rows = next(t for n, t in adapter.items() if "trainable_tokens_delta" in n)  # [added, hidden]
+    assert rows.shape[0] == added
+
+    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(result.model_dir, tmp_path / "merged"))
+    assert merged.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    assert torch.equal(merged.get_input_embeddings().weight[base_vocab:], rows)

@@ -35,23 +35,27 @@ class AdapterError(ValueError):
 # --------------------------------------------------------------------------------------------- prepare
 
 
-def prepare_model(model: Any, config: Config) -> Any:
-    """full: unchanged; lora: frozen base + trainable adapters; qlora: the same with the base quantized to NF4."""
+def prepare_model(model: Any, config: Config, added_token_ids: list[int] | None = None) -> Any:
+    """full: unchanged; lora: frozen base + trainable adapters; qlora: the same with the base quantized to NF4.
+
+    `added_token_ids`: embedding rows the template added (random until trained); with adapters they train
+    too and are saved in the adapter, or the model could never read or write its own end-of-turn token.
+    """
     method = config.train.method
     if method == "qlora":
         quantize_base_to_nf4(model)
     if method in ("lora", "qlora"):
-        model = apply_lora(model, config.lora)
+        model = apply_lora(model, config.lora, added_token_ids or [])
     print(describe_parameters(model, method))
     return model
 
 
-def apply_lora(model: Any, lora: LoraConfig) -> Any:
+def apply_lora(model: Any, lora: LoraConfig, added_token_ids: list[int]) -> Any:
     """Wrap the target linears with LoRA; PEFT freezes every other parameter."""
-    return peft.get_peft_model(model, build_peft_config(lora))
+    return peft.get_peft_model(model, build_peft_config(lora, added_token_ids))
 
 
-def build_peft_config(lora: LoraConfig) -> peft.LoraConfig:
+def build_peft_config(lora: LoraConfig, added_token_ids: list[int]) -> peft.LoraConfig:
     return peft.LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -59,6 +63,7 @@ def build_peft_config(lora: LoraConfig) -> peft.LoraConfig:
         target_modules=lora.target_modules,
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
+        trainable_token_indices=added_token_ids or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -134,7 +139,9 @@ def save_adapter_folder(
     shutil.rmtree(tmp, ignore_errors=True)
     for adapter_config in model.peft_config.values():
         adapter_config.base_model_name_or_path = base_path
-    model.save_pretrained(tmp, safe_serialization=True)
+    # Rows of tokens the template added are in the adapter (trainable tokens); the base's other rows never
+    # changed, so the whole resized embedding matrix is not copied into it.
+    model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
     tokenizer.save_pretrained(tmp)
     generation = GenerationConfig.from_dict(model.generation_config.to_dict())
     generation.eos_token_id = eos_ids if len(eos_ids) > 1 else eos_ids[0]
@@ -178,14 +185,17 @@ def load_merged(adapter_dir: str | Path, dtype: torch.dtype, device: str | torch
     weights it was trained against, so the merged model computes what the trained model computed.
     """
     adapter_dir = Path(adapter_dir)
-    base = load_model(resolve_model_path(adapter_base_path(adapter_dir)), torch.float32, device)
+    base: Any = load_model(resolve_model_path(adapter_base_path(adapter_dir)), torch.float32, device)
+    # An adapter folder has no config.json, so not load_tokenizer/resolve_model_path: its tokenizer is read directly.
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(len(tokenizer))  # rows the template added; the adapter holds their values
     if adapter_method(adapter_dir) == "qlora":
         quantize_base_to_nf4(base)
         dequantize_base(base)
     model = peft.PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     model.generation_config = GenerationConfig.from_pretrained(adapter_dir)
-    # An adapter folder has no config.json, so not resolve_model_path: its tokenizer is read directly.
-    return model.to(dtype), AutoTokenizer.from_pretrained(adapter_dir)
+    return model.to(dtype), tokenizer
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:

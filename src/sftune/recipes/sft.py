@@ -240,12 +240,14 @@ def setup_model(config: Config, tokenizer: Any, device: torch.device, precision:
         config.model.trust_remote_code,
         config.model.revision,
     )
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    base_vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > base_vocab:
         model.resize_token_embeddings(len(tokenizer))  # the template added special tokens
     if config.train.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    return prepare_model(model, config)  # full / lora / qlora: which parameters train, whether the base is 4-bit
+    # full / lora / qlora: which parameters train, whether the base is 4-bit; added tokens' rows always train
+    return prepare_model(model, config, added_token_ids=list(range(base_vocab, len(tokenizer))))
 
 
 def count_total_steps(config: Config, num_examples: int) -> int:
