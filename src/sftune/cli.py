@@ -11,6 +11,8 @@ from pathlib import Path
 from sftune.config import ConfigError, load_config
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
+EVAL_METRICS = ("exact_match", "json_valid", "json_fields", "rouge_l", "stop_rate", "mean_length")
+EVAL_EXTRACTORS = ("full", "last_line", "after_hashes", "regex", "json")
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -38,12 +40,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate a reply with the template saved at training")
     generate.add_argument("model", help="run folder, model folder, .gguf file or named model")
-    generate.add_argument("--prompt", required=True, help="user message")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one user message; the reply is printed")
+    source.add_argument("--input", help="JSONL/JSON/CSV of prompts (messages, prompt, question or instruction rows)")
+    generate.add_argument("--output", help="with --input: JSONL of {id, prompt, output, finished, num_tokens}")
     generate.add_argument("--system", help="system message")
     generate.add_argument("--max-new-tokens", type=int, default=256)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--batch-size", type=int, default=16, help="prompts generated together (with --input)")
     generate.add_argument("--device", default="auto")
+
+    evaluate = commands.add_parser("eval", help="metrics on held-out rows, optionally beside a baseline; a report")
+    evaluate.add_argument("model", help="run folder, model or adapter folder, .gguf file or named model")
+    evaluate.add_argument(
+        "--data", required=True, help="rows with references (any training format, or question/answer)"
+    )
+    evaluate.add_argument("--baseline", help="a second model scored on the same rows, e.g. the base model")
+    evaluate.add_argument("--out", help="folder for results and report (default: RUN/eval for a run folder)")
+    evaluate.add_argument("--config", help="YAML whose eval: section sets the metrics (default: the run's config)")
+    evaluate.add_argument("--metrics", help="comma-separated: " + ", ".join(EVAL_METRICS))
+    evaluate.add_argument("--extractor", choices=EVAL_EXTRACTORS, help="answer extractor for exact_match")
+    evaluate.add_argument("--pattern", help="regex for --extractor regex (group 1 if it has one)")
+    evaluate.add_argument("--max-new-tokens", type=int)
+    evaluate.add_argument("--max-rows", type=int)
+    evaluate.add_argument("overrides", nargs="*", help="dotted eval overrides, e.g. eval.temperature=0.7")
+
+    chat = commands.add_parser("chat", help="talk to a model in the terminal, multi-turn, with its saved template")
+    chat.add_argument("model", help="run folder, model or adapter folder, .gguf file or named model")
+    chat.add_argument("--system", help="system message at the start of the conversation")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--device", default="auto")
 
     merge = commands.add_parser("merge", help="fold a LoRA/QLoRA adapter into its fp32 base: a plain HF folder")
     merge.add_argument("adapter", help="adapter folder (or a run folder whose model/ holds one)")
@@ -92,13 +121,60 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from sftune.infer.generate import generate_batch, load_for_inference
+    from sftune.infer.generate import generate_file, generate_replies, load_for_inference
 
+    if args.input and not args.output:
+        raise ConfigError("--input needs --output: the JSONL file to write the generations to")
     model, tokenizer = load_for_inference(args.model, args.device)
+    if args.input:
+        counts = generate_file(
+            model, tokenizer, args.input, args.output, args.system, args.batch_size,
+            args.max_new_tokens, args.temperature, args.top_p,
+        )  # fmt: skip
+        print(f"wrote {counts['written']} generations to {args.output} ({counts['rejected']} rows rejected)")
+        return
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}
     ]
-    print(generate_batch(model, tokenizer, [messages], args.max_new_tokens, args.temperature, args.top_p)[0])
+    print(generate_replies(model, tokenizer, [messages], args.max_new_tokens, args.temperature, args.top_p)[0].text)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from sftune.recipes.evaluate import evaluate, resolve_eval_settings
+
+    settings, out_dir, run_dir = resolve_eval_settings(args.model, args.config, eval_overrides(args), args.out)
+    results = evaluate(args.model, args.data, settings, out_dir, args.baseline, run_dir)
+    print_eval_table(results)
+    print("report: " + ", ".join(results["report"]))
+
+
+def eval_overrides(args: argparse.Namespace) -> list[str]:
+    """The convenience flags are dotted overrides of the eval section, after those given as overrides."""
+    flags = {
+        "metrics": f"[{args.metrics}]" if args.metrics else None,
+        "extractor": args.extractor,
+        "answer_pattern": args.pattern,
+        "max_new_tokens": args.max_new_tokens,
+        "max_rows": args.max_rows,
+    }
+    return [*args.overrides, *(f"eval.{key}={value}" for key, value in flags.items() if value is not None)]
+
+
+def print_eval_table(results: dict) -> None:  # type: ignore[type-arg]
+    labels = list(results["models"])
+    print(f"\n{results['rows']} rows of {results['data']}")
+    print(f"{'metric':<14}" + "".join(f"{label:>12}" for label in labels))
+    keys = [k for k in results["models"][labels[-1]] if k not in ("path", "rows")]
+    for key in keys:
+        values = [results["models"][label].get(key) for label in labels]
+        print(f"{key:<14}" + "".join(f"{v:>12.4f}" if isinstance(v, float | int) else f"{'n/a':>12}" for v in values))
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from sftune.infer.chat import ChatSettings, chat
+
+    settings = ChatSettings(args.max_new_tokens, args.temperature, args.top_p)
+    return chat(args.model, args.system, settings, args.device)
 
 
 def run_merge(args: argparse.Namespace) -> None:
@@ -143,7 +219,15 @@ def quiet_library_import_noise() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_library_import_noise()
     args = build_parser().parse_args(argv)
-    handlers = {"train": run_train, "generate": run_generate, "merge": run_merge, "demo": run_demo, "data": run_data}
+    handlers = {
+        "train": run_train,
+        "generate": run_generate,
+        "chat": run_chat,
+        "eval": run_eval,
+        "merge": run_merge,
+        "demo": run_demo,
+        "data": run_data,
+    }
     try:
         code = handlers[args.command](args)
     except _user_errors() as exc:

@@ -131,6 +131,29 @@ class OutputConfig(_Section):
     )
 
 
+class EvalConfig(_Section):
+    metrics: list[Literal["exact_match", "json_valid", "json_fields", "rouge_l", "stop_rate", "mean_length"]] = Field(
+        ["exact_match", "json_valid", "json_fields", "rouge_l", "stop_rate", "mean_length"],
+        description="Generation metrics of `sftune eval` (json_fields only scores rows whose reference is a JSON "
+        "object).",
+    )
+    extractor: Literal["full", "last_line", "after_hashes", "regex", "json"] = Field(
+        "full",
+        description="Answer for exact_match: full text, last line, the text after '####', a regex, or parsed JSON.",
+    )
+    answer_pattern: str | None = Field(None, description="Regex for extractor=regex (group 1 if it has one).")
+    max_new_tokens: int = Field(256, gt=0, description="Longest generated reply, in tokens.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with temperature > 0).")
+    batch_size: int = Field(16, gt=0, description="Prompts generated together.")
+    max_rows: int | None = Field(None, gt=0, description="Evaluate only the first N rows.")
+    report_samples: int = Field(8, ge=0, description="Prompts shown with both models' outputs in the report.")
+    sample_prompts: int = Field(
+        0, ge=0, description="During training: generate for the first N validation prompts at each evaluation."
+    )
+    sample_max_new_tokens: int = Field(64, gt=0, description="Longest reply of those training-time samples.")
+
+
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Which model to fine-tune.")
     data: DataConfig = Field(..., description="Where the data is and how to read it.")
@@ -138,11 +161,14 @@ class Config(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapters (used when train.method is lora/qlora).")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and sample generations.")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Config:
         if self.data.validation and self.data.validation_fraction:
             raise ValueError("set data.validation or data.validation_fraction, not both")
+        if self.eval.extractor == "regex" and not self.eval.answer_pattern:
+            raise ValueError("eval.extractor=regex needs eval.answer_pattern (e.g. 'answer is (\\d+)')")
         if self.train.method == "qlora" and self.lora.use_dora:
             raise ValueError(
                 "lora.use_dora=true does not work with train.method=qlora (PEFT's DoRA cannot read the NF4 base "

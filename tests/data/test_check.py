@@ -10,6 +10,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from sftune.config import load_config
 from sftune.data.check import (
     MASK_CHECKS,
+    build_report,
     check_conversations,
     check_data,
     check_examples,
@@ -19,6 +20,7 @@ from sftune.data.check import (
     padding_waste,
     percentiles,
 )
+from sftune.data.dataset import build_examples
 from sftune.data.formats import read_conversations
 from sftune.data.masking import build_example
 from sftune.data.templates import ChatTemplate, resolve_template
@@ -193,6 +195,30 @@ def test_truncation_that_leaves_nothing_to_train_is_flagged(tmp_path, smollm2_to
     assert not report.failed_checks(MASK_CHECKS)  # the mask itself is fine: training drops those rows
 
 
+def test_report_keeps_the_examples_build_examples_would_build(tmp_path, smollm2_tokenizer):
+    rows = [{"instruction": f"Say {i}", "output": "ok " * (i * 10)} for i in range(1, 6)]
+    rows.append({"instruction": "Empty", "output": " "})  # dropped on reading: empty_response
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows))
+    config = load_config({"data": {"train": str(path), "max_length": 60}})  # the longest rows are too_long
+    template = resolve_template("auto", smollm2_tokenizer)
+    conversations, rejections, formats = read_conversations(str(path), config.data)
+    expected, expected_rejections = build_examples(
+        conversations, smollm2_tokenizer, template, config.data, config.template
+    )
+
+    report = check_data(config, smollm2_tokenizer, template)
+    assert report.examples == expected and report.rows_kept == len(expected) < 5
+    assert report.rejections == rejections + expected_rejections  # read, then built: each row once
+    assert report.rows_in == 6 == report.rows_kept + len(report.rejections)
+    assert "examples" not in report.to_dict() and "rejections" not in report.to_dict()
+    assert "held out" not in report.to_text()
+    train_part = build_report(conversations[:3], rejections, formats, config, smollm2_tokenizer, template)
+    assert train_part.examples == expected[: len(train_part.examples)] and train_part.rows_in == 4
+    # formats count all 6 rows read; the 2 rows training holds out for validation are named in the text
+    assert "(alpaca: 6; 2 of them held out for validation)" in train_part.to_text()
+
+
 # ---------------------------------------------------------------------------------- numbers in the report
 
 
@@ -237,5 +263,7 @@ def test_memory_estimate_orders_full_lora_qlora():
     config = load_config({"data": {"train": "x.json"}})
     memory = estimate_memory(model_config, config, micro_batch_tokens=2048)
     assert 130e6 < memory["parameters"] < 140e6
-    assert memory["full_gib"] > memory["lora_gib"] > memory["qlora_gib"] > memory["activations_gib"] > 0
+    assert memory["full_gib"] > memory["lora_gib"] >= memory["qlora_gib"] > memory["activations_gib"] > 0
+    for method in ("full", "lora", "qlora"):  # the CPU load peak (mapped file + weights) is a floor for every method
+        assert memory[f"{method}_gib"] >= memory["runtime_gib"] + memory["loading_gib"] - 1e-3
     assert memory["lora_rank"] == config.lora.r if hasattr(config, "lora") else 16

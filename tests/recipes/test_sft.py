@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from sftune.config import load_config
-from sftune.recipes.sft import RunError, train
+from sftune.data.dataset import build_examples
+from sftune.data.formats import read_conversations, split_validation
+from sftune.recipes.sft import RunError, setup_data, setup_tokenizer, train
 
 
 def write_alpaca(path: Path, count: int = 14) -> Path:
@@ -58,6 +60,49 @@ def test_counts_add_up_and_outputs_are_complete(tmp_path, tiny_model_dir):
     assert len((run / "rejected.jsonl").read_text().splitlines()) == 1
     steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps == list(range(1, 7))
+
+
+def test_trains_the_examples_the_data_report_built_once(tmp_path, tiny_model_dir):
+    config = tiny_config(tmp_path, tiny_model_dir)
+    tokenizer, template = setup_tokenizer(config)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    data = setup_data(config, tokenizer, template, run_dir)
+
+    conversations, _, _ = read_conversations(config.data.train, config.data)
+    train_rows, _ = split_validation(conversations, config.data.validation_fraction, config.train.seed)
+    expected, _ = build_examples(train_rows, tokenizer, template, config.data, config.template)
+    assert expected and data.train == expected  # what the report built is exactly what build_examples builds
+    report = json.loads((run_dir / "data_report.json").read_text())
+    summary = json.loads((run_dir / "data_summary.json").read_text())
+    assert "examples" not in report and "rejections" not in report
+    assert report["rows_kept"] == summary["rows_trained"] == len(expected)  # the report is on the trained rows
+    assert report["tokens"] == summary["tokens"] and report["supervised_tokens"] == summary["supervised_tokens"]
+    assert report["rows_in"] == summary["rows_in"] - summary["rows_validation"] == 15 - summary["rows_validation"]
+    assert summary["rejected_by_reason"] == report["rejected_by_reason"] == {"empty_response": 1}  # counted once
+    assert len((run_dir / "rejected.jsonl").read_text().splitlines()) == summary["rows_rejected"] == 1
+    assert f"{summary['rows_validation']} of them held out for validation" in (run_dir / "data_report.txt").read_text()
+
+
+def test_rows_dropped_on_reading_and_on_building_are_each_counted_once(tmp_path, tiny_model_dir):
+    config = tiny_config(tmp_path, tiny_model_dir)
+    long_row = {"instruction": "word " * 200, "output": "too long"}  # rejected when built: too_long
+    rows = json.loads(Path(config.data.train).read_text()) + [long_row]  # 14 good + 1 empty + 1 too long
+    Path(config.data.train).write_text(json.dumps(rows))
+    validation = write_alpaca(tmp_path / "validation.json", count=3)  # 3 good + 1 empty
+    config.data.validation, config.data.max_length = str(validation), 128
+    tokenizer, template = setup_tokenizer(config)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    counts = setup_data(config, tokenizer, template, run_dir).counts()
+
+    assert counts["rows_in"] == 16 + 4
+    assert (counts["rows_trained"], counts["rows_validation"], counts["rows_rejected"]) == (14, 3, 3)
+    assert counts["rejected_by_reason"] == {"empty_response": 2, "too_long": 1}
+    report = json.loads((run_dir / "data_report.json").read_text())
+    assert (report["rows_in"], report["rows_kept"]) == (16, 14)
+    assert report["rejected_by_reason"] == {"empty_response": 1, "too_long": 1}
+    assert len((run_dir / "rejected.jsonl").read_text().splitlines()) == 3
 
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir):

@@ -1,8 +1,9 @@
 """Prove the data before training: counts, lengths, mask checks, batching waste and a memory estimate.
 
-`check_data` reads the training rows exactly as training does, builds every example, and checks the mask on
-each one. The mask checks (`MASK_CHECKS`) work on any (input_ids, labels) pair, not only examples built here,
-so a mask made by other code (e.g. a collator that masks by pad id) can be checked too. A template error on
+`check_data` reads the training rows exactly as training does; `build_report` builds every example and checks the
+mask on each one. The report keeps the examples, so the sft recipe trains on the very examples it checked instead
+of building them twice. The mask checks (`MASK_CHECKS`) work on any (input_ids, labels) pair, not only examples
+built here, so a mask made by other code (e.g. a collator that masks by pad id) can be checked too. A template error on
 one row (double BOS, a template that is not prefix-consistent) becomes a failed check with a count, not a crash.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from sftune.data.batching import epoch_order, micro_batch_indices
@@ -56,6 +57,7 @@ class DataReport:
     memory: dict[str, Any] | None
     tokens_to_train: dict[str, float]
     rejections: list[Rejection] = field(default_factory=list, repr=False)
+    examples: list[Example] = field(default_factory=list, repr=False)  # the rows_kept examples, as built
 
     @property
     def supervised_fraction(self) -> float:
@@ -65,7 +67,9 @@ class DataReport:
         return [c for c in self.checks if not c.passed and (names is None or c.name in names)]
 
     def to_dict(self) -> dict[str, Any]:
-        result = {k: v for k, v in asdict(self).items() if k != "rejections"}
+        # Per-row detail stays out of the JSON (rejected.jsonl lists the rejections); emptied first, not deep-copied.
+        result = asdict(replace(self, rejections=[], examples=[]))
+        del result["rejections"], result["examples"]
         result["supervised_fraction"] = round(self.supervised_fraction, 4)
         return result
 
@@ -81,8 +85,22 @@ class DataReport:
 
 def check_data(config: Config, tokenizer: Any, template: ChatTemplate, model_config: Any | None = None) -> DataReport:
     """Read config.data.train as training would, build every example, and report on all of it."""
+    conversations, rejections, formats = read_conversations(config.data.train, config.data)
+    return build_report(conversations, rejections, formats, config, tokenizer, template, model_config)
+
+
+def build_report(
+    conversations: list[Conversation],
+    rejections: list[Rejection],
+    formats: dict[str, int],
+    config: Config,
+    tokenizer: Any,
+    template: ChatTemplate,
+    model_config: Any | None = None,
+) -> DataReport:
+    """Build and check every conversation exactly as training builds it, and report on them and on `rejections`
+    (rows dropped on reading). The report keeps the built examples: training uses them as they are."""
     data_cfg = config.data
-    conversations, rejections, formats = read_conversations(data_cfg.train, data_cfg)
     rows_in = len(conversations) + len(rejections)
     examples, built_rejections, checks = check_conversations(
         conversations, tokenizer, template, config.template.mask, data_cfg.max_length, data_cfg.truncation
@@ -121,6 +139,7 @@ def check_data(config: Config, tokenizer: Any, template: ChatTemplate, model_con
         memory=estimate_memory(model_config, config, _longest_micro_batch(examples, config)) if model_config else None,
         tokens_to_train=tokens_to_train(examples, config),
         rejections=rejections,
+        examples=examples,
     )
 
 
@@ -356,29 +375,50 @@ def estimate_activation_bytes(model_config: Any, tokens: int, gradient_checkpoin
     return int(tokens * (kept_layers * per_layer + checkpoints + logits))
 
 
+# Python + torch + transformers + peft after import, before any model (CPU, measured by bench/methods.py).
+RUNTIME_BYTES = int(0.35 * 1024**3)
+
+
 def estimate_memory(model_config: Any, config: Config, micro_batch_tokens: int, lora_rank: int = 16) -> dict[str, Any]:
-    """Pre-flight memory (GiB) for full, LoRA and QLoRA fine-tuning, from the model config alone; an estimate."""
+    """Pre-flight peak memory (GiB) for full, LoRA and QLoRA fine-tuning, from the model config alone.
+
+    Peak = runtime + the larger of loading (on CPU the checkpoint's mapped pages and the materialised weights
+    are resident together) and training (weights, gradients, optimizer state, activations of the longest
+    micro-batch). QLoRA loads the base in full precision before quantizing it, so its load peak counts too.
+    """
     params = count_parameters(model_config)
     rank = int(getattr(getattr(config, "lora", None), "r", lora_rank) or lora_rank)
     adapter = count_lora_parameters(model_config, rank)
     activations = estimate_activation_bytes(model_config, micro_batch_tokens, config.train.gradient_checkpointing)
     base_bytes = 4 if config.model.dtype in ("fp32", "auto") else 2
-    adapter_bytes = adapter * 16  # fp32 weights + grads + 2 AdamW states
+    loading = params["total"] * (checkpoint_bytes_per_parameter(model_config) + base_bytes)
+    adapter_state = adapter * 16  # fp32 weights + grads + 2 AdamW states
     nf4 = params["linear"] * (0.5 + 1 / 64 + 4 / (64 * 256))  # 4-bit + double-quantized blockwise scales
-    qlora_rest = (params["embeddings"] + params["norms"]) * 2
+    training = {
+        "full": params["total"] * 16 + activations,  # fp32 weights + grads + 2 AdamW states
+        "lora": params["total"] * base_bytes + adapter_state + activations,
+        "qlora": nf4 + (params["embeddings"] + params["norms"]) * base_bytes + adapter_state + activations,
+    }
     gib = 1024**3
     return {
         "parameters": params["total"],
         "lora_rank": rank,
         "lora_parameters": adapter,
         "micro_batch_tokens": micro_batch_tokens,
+        "runtime_gib": round(RUNTIME_BYTES / gib, 3),
+        "loading_gib": round(loading / gib, 3),
         "activations_gib": round(activations / gib, 3),
-        "full_gib": round((params["total"] * 16 + activations) / gib, 3),
-        "lora_gib": round((params["total"] * base_bytes + adapter_bytes + activations) / gib, 3),
-        "qlora_gib": round((nf4 + qlora_rest + adapter_bytes + activations) / gib, 3),
-        "assumptions": "full: fp32 weights+grads+2 AdamW states; LoRA: frozen base at model.dtype (auto=fp32); "
-        "QLoRA: NF4 linear layers, bf16 embeddings; adapters on all projections; no allocator overhead",
+        **{f"{method}_gib": round((RUNTIME_BYTES + max(loading, t)) / gib, 3) for method, t in training.items()},
+        "assumptions": "peak = runtime + max(loading, training); full: fp32 weights+grads+2 AdamW states; LoRA: "
+        "frozen base at model.dtype (auto=fp32); QLoRA: NF4 block linears, other weights at model.dtype, loaded "
+        "in full precision first; adapters on all projections",
     }
+
+
+def checkpoint_bytes_per_parameter(model_config: Any) -> int:
+    """Bytes per weight in the checkpoint file (its config's dtype; bf16 when it does not say)."""
+    dtype = str(getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None) or "bfloat16")
+    return 4 if "float32" in dtype else 2
 
 
 def load_model_config(path: str) -> Any | None:
@@ -397,6 +437,9 @@ def load_model_config(path: str) -> Any | None:
 def render_report_text(report: DataReport) -> str:
     rejected = ", ".join(f"{k}: {v}" for k, v in report.rejected_by_reason.items()) or "none"
     formats = ", ".join(f"{k}: {v}" for k, v in report.formats.items())
+    held_out = sum(report.formats.values()) - report.rows_in  # formats count the whole file; training held some out
+    if held_out > 0:
+        formats += f"; {held_out} of them held out for validation"
     markers = "yes" if report.template["has_generation_markers"] else "no"
     lines = [
         f"rows: {report.rows_in} in ({formats}) = {report.rows_kept} kept + "

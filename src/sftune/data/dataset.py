@@ -21,6 +21,7 @@ class PreparedData:
     rejections: list[Rejection]
     rows_in: int
     formats: dict[str, int] = field(default_factory=dict)
+    validation_prompts: list[list[dict[str, Any]]] = field(default_factory=list)  # for sample generations
 
     def rejected_by_reason(self) -> dict[str, int]:
         return dict(Counter(r.reason for r in self.rejections))

@@ -246,6 +246,20 @@ _CONVERTERS = {
 }
 
 
+def parse_turns(row: Mapping[str, Any], source: str) -> list[Message] | Rejection:
+    """The turns of a messages/sharegpt row as they are, with no assistant turn required: a prompt to answer."""
+    key = _turn_list_key(row)
+    if key is None:
+        return Rejection(source, "missing_field", "no 'messages' or 'conversations' list", row)
+    try:
+        turns = _require_turn_list(row[key], key)
+        if _detect_turn_style(turns, key) == "sharegpt":
+            return [_sharegpt_message(turn, index) for index, turn in enumerate(turns)]
+        return [_openai_message(turn, index) for index, turn in enumerate(turns)]
+    except _RowProblem as problem:
+        return Rejection(source, problem.reason, problem.detail, row)
+
+
 # ---------------------------------------------------------------- pieces of a conversation
 
 

@@ -15,7 +15,6 @@ import argparse
 import json
 import random
 from pathlib import Path
-from typing import Any
 
 INSTRUCTION = "Extract the order as JSON with keys item, qty, city."
 SCHEMA_KEYS = ("item", "qty", "city")
@@ -201,59 +200,6 @@ def _write_goods(rng: random.Random, qty: int, singular: str, plural: str) -> st
     if qty < len(NUMBER_WORDS) and rng.random() < 0.45:
         return f"{NUMBER_WORDS[qty]} {plural}"
     return f"{qty} {plural}"
-
-
-def score(prediction: str, reference: str) -> bool:
-    """Exact match: `prediction` parses as a JSON object equal to `reference` (key order and spacing ignored).
-
-    Values must match in type too: `"qty": 3.0` or `"qty": "3"` is not `3`, and `true` is not `1`.
-    """
-    predicted = _parse_object(prediction)
-    expected = _parse_reference(reference)
-    return (
-        predicted is not None
-        and predicted.keys() == expected.keys()
-        and _count_matching(predicted, expected) == len(expected)
-    )
-
-
-def field_accuracy(prediction: str, reference: str) -> float:
-    """Share of the reference's fields that the prediction has with the same value; 0.0 unless it parses.
-
-    Extra keys in the prediction are not penalised here (they are in `score`).
-    """
-    predicted = _parse_object(prediction)
-    expected = _parse_reference(reference)
-    if predicted is None or not expected:
-        return 0.0
-    return _count_matching(predicted, expected) / len(expected)
-
-
-def _parse_object(text: str) -> dict[str, Any] | None:
-    """The JSON object in `text`, or None for anything else (invalid JSON, a list, a number, not a string)."""
-    if not isinstance(text, str):
-        return None
-    try:
-        value = json.loads(text.strip())
-    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError; deep nesting can recurse out
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _parse_reference(reference: str) -> dict[str, Any]:
-    expected = _parse_object(reference)
-    if expected is None:
-        raise ValueError(f"reference {reference!r} is not a JSON object: score against a row's `output` field")
-    return expected
-
-
-def _count_matching(predicted: dict[str, Any], expected: dict[str, Any]) -> int:
-    return sum(1 for key, value in expected.items() if key in predicted and _is_same_value(predicted[key], value))
-
-
-def _is_same_value(left: Any, right: Any) -> bool:
-    # type(...) is type(...) because in Python True == 1 == 1.0, and JSON tells them apart
-    return type(left) is type(right) and left == right
 
 
 def write_splits(out_dir: Path) -> tuple[Path, Path]:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from sftune.data.masking import tokenize_rendered
 from sftune.data.templates import ChatTemplate, TemplateError, render
+from sftune.eval.metrics import Generation
+from sftune.infer.prompts import PromptRow, read_prompt_rows
 from sftune.model.load import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
 from sftune.model.lora import is_adapter_folder, load_merged
 
@@ -45,16 +51,38 @@ def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
     return ids
 
 
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    finished: bool  # ended with an end-of-turn token, not cut by max_new_tokens
+    num_tokens: int  # generated tokens, the end-of-turn token not counted
+
+
+def sampling_arguments(temperature: float, top_p: float) -> dict[str, Any]:
+    """Greedy at temperature 0, else nucleus sampling."""
+    if temperature > 0:
+        return {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    return {"do_sample": False}
+
+
+def end_of_turn_ids(model: Any) -> list[int]:
+    """The ids generation stops at: the saved generation_config's eos (sftune puts the end-of-turn token there)."""
+    eos = model.generation_config.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
 @torch.no_grad()
-def generate_batch(
+def generate_replies(
     model: Any,
     tokenizer: Any,
     conversations: list[list[dict[str, Any]]],
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_p: float = 1.0,
-) -> list[str]:
-    """Replies to each conversation; greedy when temperature == 0. Stops at any end-of-turn id."""
+    stop_ids: list[int] | None = None,
+) -> list[Reply]:
+    """Replies to each conversation, in one batch; greedy when temperature == 0. Stops at any end-of-turn id
+    (`stop_ids`, by default the model's generation_config eos, where sftune saves the end-of-turn token)."""
     prompts = [prompt_ids(tokenizer, messages) for messages in conversations]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(p) for p in prompts)
@@ -62,15 +90,76 @@ def generate_batch(
     # Left padding: every prompt then ends where generation starts.
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    )
+    stop_ids = stop_ids or end_of_turn_ids(model)
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
         max_new_tokens=max_new_tokens,
         pad_token_id=pad_id,
-        eos_token_id=model.generation_config.eos_token_id,
-        **sampling,
+        eos_token_id=stop_ids or None,
+        use_cache=True,
+        **sampling_arguments(temperature, top_p),
     )
-    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
+    return [reply_from_tokens(tokenizer, row[width:].tolist(), stop_ids) for row in output]
+
+
+def reply_from_tokens(tokenizer: Any, tokens: list[int], stop_ids: list[int]) -> Reply:
+    """Cut at the first end-of-turn id (what follows it in a batch is padding)."""
+    end = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
+    kept = tokens if end is None else tokens[:end]
+    return Reply(tokenizer.decode(kept, skip_special_tokens=True).strip(), end is not None, len(kept))
+
+
+def generate_rows(
+    model: Any,
+    tokenizer: Any,
+    rows: list[PromptRow],
+    batch_size: int = 16,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[Generation]:
+    """Batched generation over every row, with a progress bar; results keep the rows' ids and order."""
+    generations: list[Generation] = []
+    with tqdm(total=len(rows), desc=desc, unit="row", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            replies = generate_replies(
+                model, tokenizer, [r.messages for r in chunk], max_new_tokens, temperature, top_p
+            )
+            for row, reply in zip(chunk, replies, strict=True):
+                generations.append(
+                    Generation(row.id, row.prompt_text, row.reference, reply.text, reply.finished, reply.num_tokens)
+                )
+            bar.update(len(chunk))
+    return generations
+
+
+def generate_file(
+    model: Any,
+    tokenizer: Any,
+    input_path: str,
+    output_path: str,
+    system_prompt: str | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> dict[str, int]:
+    """`sftune generate --input`: one output line per readable row, in order, with the row's id; rejected rows
+    (no prompt to answer) are counted and reported on stderr, never dropped silently."""
+    rows, rejected = read_prompt_rows(input_path, system_prompt=system_prompt)
+    for rejection in rejected:
+        print(f"skipped {rejection.source}: {rejection.detail}", file=sys.stderr)
+    generations = generate_rows(model, tokenizer, rows, batch_size, max_new_tokens, temperature, top_p)
+    with Path(output_path).open("w") as f:
+        for row, g in zip(rows, generations, strict=True):
+            record = {"id": row.id, "messages": row.messages, "output": g.output, "finished": g.finished}
+            record |= {
+                "num_tokens": g.num_tokens,
+                **({"reference": row.reference} if row.reference is not None else {}),
+            }
+            f.write(json.dumps(record) + "\n")
+    return {"written": len(rows), "rejected": len(rejected)}

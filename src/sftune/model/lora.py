@@ -115,7 +115,26 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 def describe_parameters(model: torch.nn.Module, method: str) -> str:
     trainable, total = count_parameters(model)
-    return f"model ({method}): {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
+    line = f"model ({method}): {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
+    memory = nf4_weight_memory(model)
+    if memory["nf4_weights"]:
+        line += (
+            f"; 4-bit base: {memory['nf4_bytes'] / 2**20:.1f} MiB for {memory['nf4_weights']:,} weights "
+            f"({memory['nf4_bytes'] / memory['bf16_bytes']:.2f}x their bf16 size)"
+        )
+    return line
+
+
+def nf4_weight_memory(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes actually held by the NF4 weights (packed 4-bit codes, quantized scales and their factors, the
+    lookup table), and what the same weights take in bf16."""
+    nf4_bytes, nf4_weights = 0, 0
+    for parameter in model.parameters():
+        if type(parameter).__name__ == "NF4Tensor":
+            inner_names, _ = parameter.__tensor_flatten__()  # type: ignore[attr-defined]
+            nf4_bytes += sum(getattr(parameter, name).nbytes for name in inner_names)
+            nf4_weights += parameter.numel()
+    return {"nf4_bytes": nf4_bytes, "nf4_weights": nf4_weights, "bf16_bytes": 2 * nf4_weights}
 
 
 # ------------------------------------------------------------------------------------------------ save

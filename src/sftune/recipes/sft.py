@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 from sftune.config import Config, config_to_yaml
-from sftune.data.batching import Batch, accumulation_windows, collate, window_micro_batches
-from sftune.data.check import MASK_CHECKS, DataReport, check_data, load_model_config
+from sftune.data.batching import accumulation_windows, collate, window_micro_batches
+from sftune.data.check import MASK_CHECKS, DataReport, build_report, load_model_config
 from sftune.data.dataset import PreparedData, build_examples
 from sftune.data.formats import read_conversations, split_validation
 from sftune.data.templates import ChatTemplate, install_template, resolve_template
-from sftune.data.types import Example, Rejection
+from sftune.data.types import Conversation, Example, Rejection
+from sftune.infer.generate import generate_replies
 from sftune.model.load import (
     bf16_supported,
     load_model,
@@ -34,7 +35,7 @@ from sftune.model.load import (
 from sftune.model.lora import prepare_model, save_trained
 from sftune.model.save import end_of_turn_ids
 from sftune.training.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint, save_checkpoint
-from sftune.training.loss import token_loss_sum
+from sftune.training.loss import mean_token_loss
 from sftune.training.manifest import write_manifest
 from sftune.training.metrics import MetricsLog, Throughput, perplexity, plot_loss_curve, progress_bar
 from sftune.training.optim import build_optimizer, build_scheduler
@@ -102,12 +103,14 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
             val_loss = evaluate_and_log(
                 model, data.validation, cfg.micro_batch_size, pad_id, device, autocast, log, state
             )
+            log_samples(model, tokenizer, data, config.eval.sample_max_new_tokens, state, run_dir)
         if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
             save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state, cfg.keep_checkpoints)
     bar.close()
 
     if data.validation and (not cfg.eval_every or state.global_step % cfg.eval_every != 0):
         val_loss = evaluate_and_log(model, data.validation, cfg.micro_batch_size, pad_id, device, autocast, log, state)
+        log_samples(model, tokenizer, data, config.eval.sample_max_new_tokens, state, run_dir)
     model_dir = save_outputs(config, run_dir, model, tokenizer, template, data, state, device, precision)
     return TrainResult(run_dir, model_dir, state.global_step, last_loss, val_loss, data.counts())
 
@@ -158,31 +161,44 @@ def setup_tokenizer(config: Config) -> tuple[Any, ChatTemplate]:
 
 
 def setup_data(config: Config, tokenizer: Any, template: ChatTemplate, run_dir: Path) -> PreparedData:
+    """Read and build the training rows once: the data report checks the very examples that are then trained."""
     data_cfg = config.data
-    run_data_check(config, tokenizer, template, run_dir)
     conversations, rejections, formats = read_conversations(data_cfg.train, data_cfg)
-    rows_in = len(conversations) + len(rejections)
+    val_rejections: list[Rejection] = []
     if data_cfg.validation:
         validation_rows, val_rejections, _ = read_conversations(data_cfg.validation, data_cfg)
-        rows_in += len(validation_rows) + len(val_rejections)
-        rejections += val_rejections
     else:
         conversations, validation_rows = split_validation(
             conversations, data_cfg.validation_fraction, config.train.seed
         )
-    train_examples, train_rejected = build_examples(conversations, tokenizer, template, data_cfg, config.template)
+    report = run_data_check(config, tokenizer, template, run_dir, conversations, rejections, formats)
     val_examples, val_rejected = build_examples(validation_rows, tokenizer, template, data_cfg, config.template)
-    data = PreparedData(train_examples, val_examples, rejections + train_rejected + val_rejected, rows_in, formats)
+    rows_in = report.rows_in + len(validation_rows) + len(val_rejections)
+    # report.rejections = the train file's rows dropped on reading + the train rows its build dropped: each once.
+    rejected = report.rejections + val_rejections + val_rejected
+    data = PreparedData(report.examples, val_examples, rejected, rows_in, formats)
+    data.validation_prompts = prompts_for_samples(validation_rows, config.eval.sample_prompts)
     write_rejections(run_dir / "rejected.jsonl", data.rejections)
     report_data(data, run_dir)
     check_trainable(data, data_cfg.max_length, allow_missing_end_token=data_cfg.proceed_on_failed_checks)
     return data
 
 
-def run_data_check(config: Config, tokenizer: Any, template: ChatTemplate, run_dir: Path) -> DataReport:
-    """Prove the data first (saved as data_report.json/.txt); a failed mask check stops the run unless allowed."""
+def run_data_check(
+    config: Config,
+    tokenizer: Any,
+    template: ChatTemplate,
+    run_dir: Path,
+    conversations: list[Conversation],
+    rejections: list[Rejection],
+    formats: dict[str, int],
+) -> DataReport:
+    """Build and prove the rows to be trained (saved as data_report.json/.txt); its examples are the ones trained.
+
+    A failed mask check stops the run unless data.proceed_on_failed_checks allows it.
+    """
     model_config = load_model_config(resolve_model_path(config.model.name_or_path))
-    report = check_data(config, tokenizer, template, model_config)
+    report = build_report(conversations, rejections, formats, config, tokenizer, template, model_config)
     (run_dir / "data_report.json").write_text(report.to_json())
     (run_dir / "data_report.txt").write_text(report.to_text() + "\n")
     print(report.to_text())
@@ -263,7 +279,8 @@ def restore_state(resume: str | None, run_dir: Path, model: Any, optimizer: Any,
     if checkpoint is None:
         return TrainerState(global_step=0, epoch=0, window=0)
     state = load_checkpoint(checkpoint, model, optimizer, scheduler)
-    MetricsLog(run_dir / "metrics.jsonl").truncate_after(state.global_step)
+    for log_name in ("metrics.jsonl", "samples.jsonl"):
+        MetricsLog(run_dir / log_name).truncate_after(state.global_step)
     print(f"resumed from {checkpoint} at step {state.global_step} (epoch {state.epoch}, window {state.window})")
     return state
 
@@ -308,22 +325,6 @@ def log_step(
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
 
 
-@torch.no_grad()
-def evaluate(
-    model: Any, examples: list[Example], micro_batch_size: int, pad_id: int, device: torch.device, autocast: Any
-) -> float:
-    """Mean cross-entropy per supervised token over the whole validation set."""
-    model.eval()
-    total, tokens = 0.0, 0
-    for start in range(0, len(examples), micro_batch_size):
-        batch: Batch = collate(examples[start : start + micro_batch_size], pad_id).to(device)
-        with autocast:
-            total += token_loss_sum(model, batch).item()
-        tokens += batch.num_supervised
-    model.train()
-    return total / max(1, tokens)
-
-
 def evaluate_and_log(
     model: Any,
     examples: list[Example],
@@ -334,10 +335,37 @@ def evaluate_and_log(
     log: MetricsLog,
     state: TrainerState,
 ) -> float:
-    val_loss = evaluate(model, examples, micro_batch_size, pad_id, device, autocast)
+    val_loss = mean_token_loss(model, examples, micro_batch_size, pad_id, device, autocast)
     log.write({"step": state.global_step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
     print(f"step {state.global_step}: validation loss {val_loss:.4f}, perplexity {perplexity(val_loss):.2f}")
     return val_loss
+
+
+def prompts_for_samples(conversations: list[Conversation], count: int) -> list[list[dict[str, Any]]]:
+    """The first `count` validation conversations up to their last assistant turn: fixed prompts to watch."""
+    prompts = []
+    for conversation in conversations[:count]:
+        last = max((i for i, m in enumerate(conversation.messages) if m.role == "assistant"), default=None)
+        if last:
+            prompts.append([m.as_dict() for m in conversation.messages[:last]])
+    return prompts
+
+
+def log_samples(
+    model: Any, tokenizer: Any, data: PreparedData, max_new_tokens: int, state: TrainerState, run_dir: Path
+) -> None:
+    """Greedy replies to the fixed validation prompts (eval.sample_prompts), appended to samples.jsonl."""
+    if not data.validation_prompts:
+        return
+    stop_ids = sorted({i for e in data.train for i in e.end_token_ids})
+    was_training = model.training
+    model.eval()
+    replies = generate_replies(model, tokenizer, data.validation_prompts, max_new_tokens, stop_ids=stop_ids)
+    model.train(was_training)
+    log = MetricsLog(run_dir / "samples.jsonl")
+    for index, (prompt, reply) in enumerate(zip(data.validation_prompts, replies, strict=True)):
+        record = {"step": state.global_step, "index": index, "prompt": prompt[-1]["content"], "output": reply.text}
+        log.write({**record, "finished": reply.finished})
 
 
 # -------------------------------------------------------------------------------------------------- save

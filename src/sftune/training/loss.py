@@ -7,8 +7,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sftune.data.batching import Batch
-from sftune.data.types import IGNORE_INDEX
+from sftune.data.batching import Batch, collate
+from sftune.data.types import IGNORE_INDEX, Example
 
 
 def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
@@ -43,3 +43,21 @@ def token_loss_sum(model: Any, batch: Batch) -> torch.Tensor:
         hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)[0]
         selected = head(hidden[:, :-1][keep])  # [supervised, vocab]
     return F.cross_entropy(selected.float(), targets[keep], reduction="sum")
+
+
+@torch.no_grad()
+def mean_token_loss(
+    model: Any, examples: list[Example], micro_batch_size: int, pad_id: int, device: torch.device, autocast: Any
+) -> float:
+    """Cross-entropy per supervised token over all `examples` (validation loss): token-weighted, not a mean of
+    batch means. Leaves the model in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), micro_batch_size):
+        batch = collate(examples[start : start + micro_batch_size], pad_id).to(device)
+        with autocast:
+            total += token_loss_sum(model, batch).item()
+        tokens += batch.num_supervised
+    model.train(was_training)
+    return total / max(1, tokens)

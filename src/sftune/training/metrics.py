@@ -80,3 +80,30 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_validation_curve(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Validation loss and perplexity at each evaluation; None when the run measured no validation loss."""
+    val = [(r["step"], r["val_loss"], r.get("val_ppl", perplexity(r["val_loss"]))) for r in records if "val_loss" in r]
+    if not val:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses, ppls = zip(*val, strict=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, "o-", color="tab:orange", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation loss (response tokens)")
+    ax.grid(alpha=0.3)
+    twin = ax.twinx()
+    twin.plot(steps, ppls, "s--", color="tab:green", label="perplexity")
+    twin.set_ylabel("perplexity")
+    lines = ax.get_lines() + twin.get_lines()
+    ax.legend(lines, [str(line.get_label()) for line in lines])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,1 @@
+"""Evaluation of fine-tuned models: generations on held-out rows, scored against references."""
