@@ -260,10 +260,19 @@ def test_memory_estimate_orders_full_lora_qlora():
         num_key_value_heads=3,
         tie_word_embeddings=True,
     )  # SmolLM2-135M
-    config = load_config({"data": {"train": "x.json"}})
+    config = load_config({"data": {"train": "x.json"}, "lora": {"dropout": 0.0}})
     memory = estimate_memory(model_config, config, micro_batch_tokens=2048)
-    assert 130e6 < memory["parameters"] < 140e6
+    assert 130e6 < memory["parameters"] < 140e6 and memory["lora_rank"] == config.lora.r
     assert memory["full_gib"] > memory["lora_gib"] >= memory["qlora_gib"] > memory["activations_gib"] > 0
     for method in ("full", "lora", "qlora"):  # the CPU load peak (mapped file + weights) is a floor for every method
         assert memory[f"{method}_gib"] >= memory["runtime_gib"] + memory["loading_gib"] - 1e-3
-    assert memory["lora_rank"] == config.lora.r if hasattr(config, "lora") else 16
+
+    # LoRA dropout keeps a copy of every adapted input: (6 x 576 + 1536) values + mask bytes per layer and token.
+    dropout = load_config({"data": {"train": "x.json"}, "lora": {"dropout": 0.05}})
+    with_dropout = estimate_memory(model_config, dropout, micro_batch_tokens=2048)
+    added = 2048 * 30 * (6 * 576 + 1536) * 5 / 2**30
+    assert with_dropout["lora_gib"] - memory["lora_gib"] == pytest.approx(added, abs=2e-3)
+    assert with_dropout["full_gib"] == memory["full_gib"]
+
+    checkpointed = load_config({"data": {"train": "x.json"}, "train": {"gradient_checkpointing": True}})
+    assert estimate_memory(model_config, checkpointed, 2048)["activations_gib"] < memory["activations_gib"] / 4

@@ -136,7 +136,7 @@ def build_report(
             train_cfg.seed,
             data_cfg.shuffle,
         ),
-        memory=estimate_memory(model_config, config, _longest_micro_batch(examples, config)) if model_config else None,
+        memory=estimate_memory(model_config, config, *_longest_micro_batch(examples, config)) if model_config else None,
         tokens_to_train=tokens_to_train(examples, config),
         rejections=rejections,
         examples=examples,
@@ -329,10 +329,10 @@ def tokens_to_train(examples: list[Example], config: Config) -> dict[str, float]
     }
 
 
-def _longest_micro_batch(examples: list[Example], config: Config) -> int:
-    """Tokens (padded) in the largest micro-batch: micro_batch_size x the longest example."""
+def _longest_micro_batch(examples: list[Example], config: Config) -> tuple[int, int]:
+    """Tokens (padded) in the largest micro-batch, micro_batch_size x the longest example; and that length."""
     longest = max((len(e.input_ids) for e in examples), default=0)
-    return config.train.micro_batch_size * longest
+    return config.train.micro_batch_size * longest, longest
 
 
 # -------------------------------------------------------------------------------------------- memory
@@ -365,53 +365,71 @@ def count_lora_parameters(model_config: Any, rank: int) -> int:
     return int(model_config.num_hidden_layers * rank * per_layer)
 
 
-def estimate_activation_bytes(model_config: Any, tokens: int, gradient_checkpointing: bool) -> int:
-    """fp32 tensors kept for backward, per token: ~(10 hidden + 4 intermediate) per layer, plus logits and grads."""
+def estimate_activation_bytes(
+    model_config: Any, tokens: int, gradient_checkpointing: bool, sequence_length: int
+) -> int:
+    """fp32 tensors kept for backward, per token: ~(10 hidden + 4 intermediate) per layer, the attention scores
+    and probabilities (heads x sequence length, eager/math attention on CPU), plus logits and their gradient."""
     hidden, inter, layers = model_config.hidden_size, model_config.intermediate_size, model_config.num_hidden_layers
-    per_layer = (10 * hidden + 4 * inter) * 4
+    per_layer = (10 * hidden + 4 * inter + 2 * model_config.num_attention_heads * sequence_length) * 4
     kept_layers = 1 if gradient_checkpointing else layers
     checkpoints = layers * hidden * 4 if gradient_checkpointing else 0
     logits = 2 * model_config.vocab_size * 4
     return int(tokens * (kept_layers * per_layer + checkpoints + logits))
 
 
+def estimate_dropout_bytes(model_config: Any, tokens: int, config: Config) -> int:
+    """LoRA dropout keeps its own copy of each adapted linear's input, and its mask: (6 hidden + intermediate)
+    values per layer and token (q, k, v, o, gate, up, down), 4 bytes each plus a 1-byte mask."""
+    if not config.lora.dropout:
+        return 0
+    layers = 1 if config.train.gradient_checkpointing else model_config.num_hidden_layers
+    return int(tokens * layers * (6 * model_config.hidden_size + model_config.intermediate_size) * 5)
+
+
 # Python + torch + transformers + peft after import, before any model (CPU, measured by bench/methods.py).
 RUNTIME_BYTES = int(0.35 * 1024**3)
 
 
-def estimate_memory(model_config: Any, config: Config, micro_batch_tokens: int, lora_rank: int = 16) -> dict[str, Any]:
+def estimate_memory(
+    model_config: Any, config: Config, micro_batch_tokens: int, sequence_length: int | None = None
+) -> dict[str, Any]:
     """Pre-flight peak memory (GiB) for full, LoRA and QLoRA fine-tuning, from the model config alone.
 
     Peak = runtime + the larger of loading (on CPU the checkpoint's mapped pages and the materialised weights
-    are resident together) and training (weights, gradients, optimizer state, activations of the longest
-    micro-batch). QLoRA loads the base in full precision before quantizing it, so its load peak counts too.
+    are resident together) and training: weights, AdamW state, the larger of the activations of the longest
+    micro-batch and the gradients (gradients are freed between steps and fill in as backward frees the
+    activations), and for LoRA/QLoRA the dropout copies. QLoRA loads the base in full precision first.
     """
+    length = sequence_length or micro_batch_tokens // config.train.micro_batch_size
     params = count_parameters(model_config)
-    rank = int(getattr(getattr(config, "lora", None), "r", lora_rank) or lora_rank)
-    adapter = count_lora_parameters(model_config, rank)
-    activations = estimate_activation_bytes(model_config, micro_batch_tokens, config.train.gradient_checkpointing)
+    adapter = count_lora_parameters(model_config, config.lora.r)
+    gc_on = config.train.gradient_checkpointing
+    activations = estimate_activation_bytes(model_config, micro_batch_tokens, gc_on, length)
+    adapter_activations = activations + estimate_dropout_bytes(model_config, micro_batch_tokens, config)
     base_bytes = 4 if config.model.dtype in ("fp32", "auto") else 2
     loading = params["total"] * (checkpoint_bytes_per_parameter(model_config) + base_bytes)
     adapter_state = adapter * 16  # fp32 weights + grads + 2 AdamW states
     nf4 = params["linear"] * (0.5 + 1 / 64 + 4 / (64 * 256))  # 4-bit + double-quantized blockwise scales
     training = {
-        "full": params["total"] * 16 + activations,  # fp32 weights + grads + 2 AdamW states
-        "lora": params["total"] * base_bytes + adapter_state + activations,
-        "qlora": nf4 + (params["embeddings"] + params["norms"]) * base_bytes + adapter_state + activations,
+        # fp32 weights + 2 AdamW states, then activations (forward) or gradients (end of backward), whichever is larger
+        "full": params["total"] * 12 + max(activations, params["total"] * 4),
+        "lora": params["total"] * base_bytes + adapter_state + adapter_activations,
+        "qlora": nf4 + (params["embeddings"] + params["norms"]) * base_bytes + adapter_state + adapter_activations,
     }
     gib = 1024**3
     return {
         "parameters": params["total"],
-        "lora_rank": rank,
+        "lora_rank": config.lora.r,
         "lora_parameters": adapter,
         "micro_batch_tokens": micro_batch_tokens,
         "runtime_gib": round(RUNTIME_BYTES / gib, 3),
         "loading_gib": round(loading / gib, 3),
         "activations_gib": round(activations / gib, 3),
         **{f"{method}_gib": round((RUNTIME_BYTES + max(loading, t)) / gib, 3) for method, t in training.items()},
-        "assumptions": "peak = runtime + max(loading, training); full: fp32 weights+grads+2 AdamW states; LoRA: "
-        "frozen base at model.dtype (auto=fp32); QLoRA: NF4 block linears, other weights at model.dtype, loaded "
-        "in full precision first; adapters on all projections",
+        "assumptions": "peak = runtime + max(loading, training); full: fp32 weights + 2 AdamW states + "
+        "activations; LoRA: frozen base at model.dtype (auto=fp32) + adapter state + activations + dropout "
+        "copies; QLoRA: NF4 block linears, other weights at model.dtype, loaded in full precision first",
     }
 
 

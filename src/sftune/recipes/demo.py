@@ -48,6 +48,7 @@ def run_demo(out_dir: str, overrides: list[str]) -> dict[str, Any]:
     summary = {"method": config.train.method, **results, "seconds": time.perf_counter() - started}
     (result.run_dir / "demo_results.json").write_text(json.dumps(summary, indent=2))
     print_table(summary, result.run_dir / "eval")
+    print_method_choice(config.train.method, json.loads((result.run_dir / "data_report.json").read_text())["memory"])
     return summary
 
 
@@ -66,3 +67,20 @@ def print_table(summary: dict[str, Any], eval_dir: Path) -> None:
         print(f"  after : {line['model']['output'][:100]!r}")
     print(f"\nReport: {eval_dir / 'report.html'} (and report.md)")
     print(f"Total time {summary['seconds']:.0f}s")
+
+
+def print_method_choice(method: str, memory: dict[str, Any] | None) -> None:
+    """The same demo with the other methods, and the peak memory the data check estimated for each."""
+    if not memory:
+        return
+    print("\nMethods (estimated peak memory for this data, from the data check; see README 'which to choose'):")
+    for other, command in METHOD_COMMANDS.items():
+        mark = "  <- this run" if other == method else ""
+        print(f"  {other:<6}{memory[f'{other}_gib']:>6.2f} GiB  sftune demo {command}{mark}")
+
+
+METHOD_COMMANDS = {
+    "full": "train.method=full",
+    "lora": "train.method=lora train.learning_rate=1e-3",
+    "qlora": "train.method=qlora train.learning_rate=1e-3",
+}
