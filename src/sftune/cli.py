@@ -164,7 +164,7 @@ def print_eval_table(results: dict) -> None:  # type: ignore[type-arg]
     labels = list(results["models"])
     print(f"\n{results['rows']} rows of {results['data']}")
     print(f"{'metric':<14}" + "".join(f"{label:>12}" for label in labels))
-    keys = [k for k in results["models"][labels[-1]] if k not in ("path", "rows")]
+    keys = [k for k, v in results["models"][labels[-1]].items() if k != "rows" and isinstance(v, float | int | None)]
     for key in keys:
         values = [results["models"][label].get(key) for label in labels]
         print(f"{key:<14}" + "".join(f"{v:>12.4f}" if isinstance(v, float | int) else f"{'n/a':>12}" for v in values))
