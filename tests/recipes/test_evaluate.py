@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+import torch
 import yaml
 
 from sftune.cli import main
 from sftune.config import EvalConfig
+from sftune.infer.generate import load_for_inference, prompt_ids
 from sftune.recipes.evaluate import evaluate
 from tests.conftest import REPO
 
@@ -89,3 +92,26 @@ def test_cli_generate_from_a_file_keeps_ids_and_order_and_eval_needs_an_output_f
     results = json.loads((tmp_path / "e" / "eval_results.json").read_text())
     assert results["rows"] == 3 and set(results["models"]["model"]) >= {"exact_match", "stop_rate", "loss"}
     assert "json_valid" not in results["models"]["model"]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_adapter_folder_generates_the_same_tokens_as_the_merged_model(tmp_path, tiny_model_dir, method):
+    config = {
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"train": str(ALPACA)},
+        "train": {"method": method, "max_steps": 3, "micro_batch_size": 4, "learning_rate": 1e-2, "progress": False},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0
+    assert main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged")]) == 0
+
+    messages = [{"role": "user", "content": "Give the capital of France."}]
+    generated = []
+    for folder in (tmp_path / "run", tmp_path / "merged"):
+        model, tokenizer = load_for_inference(str(folder))
+        ids = torch.tensor([prompt_ids(tokenizer, messages)])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+        generated.append(out[0, ids.shape[1] :])
+    assert len(generated[0]) > 0 and torch.equal(generated[0], generated[1])  # greedy: the very same tokens
