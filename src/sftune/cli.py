@@ -9,10 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sftune.config import ConfigError, load_config
+from sftune.eval.metrics import EXTRACTORS, METRICS
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
-EVAL_METRICS = ("exact_match", "json_valid", "json_fields", "rouge_l", "stop_rate", "mean_length")
-EVAL_EXTRACTORS = ("full", "last_line", "after_hashes", "regex", "json")
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -59,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--baseline", help="a second model scored on the same rows, e.g. the base model")
     evaluate.add_argument("--out", help="folder for results and report (default: RUN/eval for a run folder)")
     evaluate.add_argument("--config", help="YAML whose eval: section sets the metrics (default: the run's config)")
-    evaluate.add_argument("--metrics", help="comma-separated: " + ", ".join(EVAL_METRICS))
-    evaluate.add_argument("--extractor", choices=EVAL_EXTRACTORS, help="answer extractor for exact_match")
+    evaluate.add_argument("--metrics", help="comma-separated: " + ", ".join(METRICS))
+    evaluate.add_argument("--extractor", choices=EXTRACTORS, help="answer extractor for exact_match")
     evaluate.add_argument("--pattern", help="regex for --extractor regex (group 1 if it has one)")
     evaluate.add_argument("--max-new-tokens", type=int)
     evaluate.add_argument("--max-rows", type=int)

@@ -23,6 +23,10 @@ class PreparedData:
     formats: dict[str, int] = field(default_factory=dict)
     validation_prompts: list[list[dict[str, Any]]] = field(default_factory=list)  # for sample generations
 
+    def end_token_ids(self) -> list[int]:
+        """The end-of-turn token ids that close the supervised turns: where generation must stop."""
+        return sorted({i for e in self.train for i in e.end_token_ids})
+
     def rejected_by_reason(self) -> dict[str, int]:
         return dict(Counter(r.reason for r in self.rejections))
 

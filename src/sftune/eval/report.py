@@ -17,16 +17,16 @@ from sftune.eval.metrics import Generation
 from sftune.infer.prompts import PromptRow
 from sftune.training.metrics import MetricsLog, plot_loss_curve, plot_validation_curve
 
-# metric -> (label, how to show it, True when higher is better)
-METRIC_ROWS: dict[str, tuple[str, str, bool]] = {
-    "exact_match": ("exact match", "percent", True),
-    "json_valid": ("valid JSON", "percent", True),
-    "json_fields": ("JSON fields correct", "percent", True),
-    "rouge_l": ("ROUGE-L F1", "fraction", True),
-    "stop_rate": ("stopped at end-of-turn", "percent", True),
-    "mean_length": ("mean output tokens", "number", False),
-    "loss": ("loss on reference tokens", "loss", False),
-    "perplexity": ("perplexity", "loss", False),
+# metric -> (label, how to show it)
+METRIC_ROWS: dict[str, tuple[str, str]] = {
+    "exact_match": ("exact match", "percent"),
+    "json_valid": ("valid JSON", "percent"),
+    "json_fields": ("JSON fields correct", "percent"),
+    "rouge_l": ("ROUGE-L F1", "fraction"),
+    "stop_rate": ("stopped at end-of-turn", "percent"),
+    "mean_length": ("mean output tokens", "number"),
+    "loss": ("loss on reference tokens", "loss"),
+    "perplexity": ("perplexity", "loss"),
 }
 
 
@@ -102,7 +102,7 @@ def metrics_table(results: dict[str, Any], evaluated: list[ModelEval]) -> Table:
     labels = [e.label for e in evaluated]
     header = ["metric", *labels, *(["change"] if len(evaluated) == 2 else [])]
     table_rows = []
-    for key, (name, kind, _) in METRIC_ROWS.items():
+    for key, (name, kind) in METRIC_ROWS.items():
         values = [e.metrics.get(key) for e in evaluated]
         if all(v is None for v in values):
             continue

@@ -57,10 +57,10 @@ def to_prompt_row(row: Any, source: str, system_prompt: str | None = None) -> Pr
     if not messages or messages[-1].role != "user":
         roles = ", ".join(m.role for m in messages) or "none"
         return Rejection(source, "no_prompt", f"the conversation must end with a user turn to answer (roles: {roles})")
-    if system_prompt and messages[0].role != "system":
-        messages.insert(0, Message(role="system", content=system_prompt))
-    if isinstance(row.get("system"), str) and row["system"] and messages[0].role != "system":
-        messages.insert(0, Message(role="system", content=row["system"]))
+    # As in training: the row's own system message, else the default one, never both.
+    system = row["system"] if isinstance(row.get("system"), str) and row["system"] else system_prompt
+    if system and messages[0].role != "system":
+        messages.insert(0, Message(role="system", content=system))
     return PromptRow(str(row.get("id", source)), [m.as_dict() for m in messages], reference)
 
 

@@ -357,10 +357,9 @@ def log_samples(
     """Greedy replies to the fixed validation prompts (eval.sample_prompts), appended to samples.jsonl."""
     if not data.validation_prompts:
         return
-    stop_ids = sorted({i for e in data.train for i in e.end_token_ids})
     was_training = model.training
     model.eval()
-    replies = generate_replies(model, tokenizer, data.validation_prompts, max_new_tokens, stop_ids=stop_ids)
+    replies = generate_replies(model, tokenizer, data.validation_prompts, max_new_tokens, stop_ids=data.end_token_ids())
     model.train(was_training)
     log = MetricsLog(run_dir / "samples.jsonl")
     for index, (prompt, reply) in enumerate(zip(data.validation_prompts, replies, strict=True)):
@@ -384,9 +383,8 @@ def save_outputs(
 ) -> Path:
     save_dtype_name = config.output.save_dtype if config.output.save_dtype != "auto" else config.model.dtype
     save_dtype = resolve_dtype(save_dtype_name, device)
-    end_ids = {i for e in data.train for i in e.end_token_ids}
     base_path = resolve_model_path(config.model.name_or_path)
-    eos_ids = end_of_turn_ids(tokenizer, end_ids)
+    eos_ids = end_of_turn_ids(tokenizer, set(data.end_token_ids()))
     model_dir = save_trained(model, tokenizer, run_dir / "model", config.train.method, save_dtype, eos_ids, base_path)
     records = MetricsLog(run_dir / "metrics.jsonl").read()
     plot_loss_curve(records, run_dir / "loss.png")
