@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftune.config import Config, ConfigError, load_config
+from sftune.config import Config, ConfigError, EvalConfig, GenerateConfig, UserError, load_config
 
 if TYPE_CHECKING:
-    from sftune.recipes.sft import TrainResult
+    from sftune.training.run import TrainResult
 
-__all__ = ["Config", "ConfigError", "load_config", "train"]
+__all__ = ["Config", "ConfigError", "EvalConfig", "GenerateConfig", "UserError", "evaluate", "load_config", "train"]
 __version__ = "0.1.0"
 
 
@@ -22,3 +23,21 @@ def train(
     if not isinstance(config, Config) or overrides:
         config = load_config(config.model_dump() if isinstance(config, Config) else config, overrides)
     return run(config, resume=resume)
+
+
+def evaluate(
+    model: str,
+    data: str,
+    config: EvalConfig | None = None,
+    out_dir: str | Path | None = None,
+    baseline: str | None = None,
+    run_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score a model (and a baseline) on held-out rows as `sftune eval` does; results and report in `out_dir`
+    (default: MODEL/eval for a run folder)."""
+    from sftune.recipes.evaluate import evaluate as run
+
+    if out_dir is None:
+        out_dir = Path(model) / "eval"
+    return run(model, data, config or EvalConfig(), out_dir, baseline, run_dir, progress)

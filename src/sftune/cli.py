@@ -1,4 +1,8 @@
-"""Command line: parses arguments and calls recipes; no logic of its own."""
+"""Command line: parses arguments and calls recipes; no logic of its own.
+
+The flags of `generate`, `chat` and `eval` are the fields of their config sections (GenerateConfig, EvalConfig):
+one schema for the command line, YAML and the Python API, with the same names, defaults and checks.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +10,27 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any, get_args, get_origin
 
-from sftune.config import ConfigError, load_config
-from sftune.eval.metrics import EXTRACTORS, METRICS
+from pydantic import BaseModel
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
+from sftune.config import (
+    Config,
+    ConfigError,
+    EvalConfig,
+    GenerateConfig,
+    UserError,
+    load_config,
+    validate_section,
+)
 
+# Errors that are the user's to fix: printed as one clear message, never as a traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (UserError, FileNotFoundError)
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Exceptions that are the user's to fix: printed as one clear message, never as a traceback."""
-    from sftune.data.formats import DataError
-    from sftune.data.templates import TemplateError
-    from sftune.model.load import ModelLoadError
-    from sftune.model.lora import AdapterError
-    from sftune.recipes.sft import RunError
-
-    return (*USER_ERRORS, DataError, TemplateError, ModelLoadError, AdapterError, RunError)
+# Flags whose name is not the config field's.
+FLAG_NAMES = {"system_prompt": "--system", "answer_pattern": "--pattern"}
+# Fields of the eval section that only matter during training (generations at each evaluation).
+TRAINING_ONLY_EVAL_FIELDS = ("sample_prompts", "sample_max_new_tokens")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,12 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", help="one user message; the reply is printed")
     source.add_argument("--input", help="JSONL/JSON/CSV of prompts (messages, prompt, question or instruction rows)")
     generate.add_argument("--output", help="with --input: JSONL of {id, prompt, output, finished, num_tokens}")
-    generate.add_argument("--system", help="system message")
-    generate.add_argument("--max-new-tokens", type=int, default=256)
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    generate.add_argument("--top-p", type=float, default=1.0)
-    generate.add_argument("--batch-size", type=int, default=16, help="prompts generated together (with --input)")
-    generate.add_argument("--device", default="auto")
+    add_section_flags(generate, GenerateConfig)
 
     evaluate = commands.add_parser("eval", help="metrics on held-out rows, optionally beside a baseline; a report")
     evaluate.add_argument("model", help="run folder, model or adapter folder, .gguf file or named model")
@@ -58,20 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--baseline", help="a second model scored on the same rows, e.g. the base model")
     evaluate.add_argument("--out", help="folder for results and report (default: RUN/eval for a run folder)")
     evaluate.add_argument("--config", help="YAML whose eval: section sets the metrics (default: the run's config)")
-    evaluate.add_argument("--metrics", help="comma-separated: " + ", ".join(METRICS))
-    evaluate.add_argument("--extractor", choices=EXTRACTORS, help="answer extractor for exact_match")
-    evaluate.add_argument("--pattern", help="regex for --extractor regex (group 1 if it has one)")
-    evaluate.add_argument("--max-new-tokens", type=int)
-    evaluate.add_argument("--max-rows", type=int)
+    add_section_flags(evaluate, EvalConfig, exclude=TRAINING_ONLY_EVAL_FIELDS)
     evaluate.add_argument("overrides", nargs="*", help="dotted eval overrides, e.g. eval.temperature=0.7")
 
     chat = commands.add_parser("chat", help="talk to a model in the terminal, multi-turn, with its saved template")
     chat.add_argument("model", help="run folder, model or adapter folder, .gguf file or named model")
-    chat.add_argument("--system", help="system message at the start of the conversation")
-    chat.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
-    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    chat.add_argument("--top-p", type=float, default=1.0)
-    chat.add_argument("--device", default="auto")
+    add_section_flags(chat, GenerateConfig, exclude=("batch_size",))
 
     merge = commands.add_parser("merge", help="fold a LoRA/QLoRA adapter into its fp32 base: a plain HF folder")
     merge.add_argument("adapter", help="adapter folder (or a run folder whose model/ holds one)")
@@ -99,10 +94,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_section_flags(parser: argparse.ArgumentParser, section: type[BaseModel], exclude: Sequence[str] = ()) -> None:
+    """One flag per field of a config section (--max-new-tokens for max_new_tokens), its description as help and
+    its choices from the schema. Flags default to unset: the schema's default (or the config file's) applies."""
+    for name, field in section.model_fields.items():
+        if name in exclude:
+            continue
+        is_list = get_origin(field.annotation) is list
+        shown = ",".join(field.default) if is_list else field.default
+        help_text = f"{field.description}{' Comma-separated.' if is_list else ''} (default: {shown})"
+        parser.add_argument(
+            FLAG_NAMES.get(name, "--" + name.replace("_", "-")),
+            dest=name,
+            default=None,
+            choices=None if is_list else literal_choices(field.annotation),
+            help=help_text.replace("%", "%%"),
+        )
+
+
+def literal_choices(annotation: Any) -> list[str] | None:
+    """The allowed values of a Literal field, else None (the schema still checks every value)."""
+    args = get_args(annotation)
+    return [str(a) for a in args] if args and all(isinstance(a, str) for a in args) else None
+
+
+def section_flags(args: argparse.Namespace, section: type[BaseModel]) -> dict[str, Any]:
+    """The section's fields given as flags (comma lists split); the schema validates and converts them."""
+    values = {}
+    for name, field in section.model_fields.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = value.split(",") if get_origin(field.annotation) is list else value
+    return values
+
+
 def describe_config() -> str:
     """Every config key with its one-line description: the schema is the CLI help."""
-    from sftune.config import Config
-
     lines = []
     for section, field in Config.model_fields.items():
         annotation = field.annotation
@@ -120,43 +147,26 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from sftune.infer.generate import generate_file, generate_replies, load_for_inference
+    from sftune.recipes.generate import generate, generate_to_file
 
-    if args.input and not args.output:
-        raise ConfigError("--input needs --output: the JSONL file to write the generations to")
-    model, tokenizer = load_for_inference(args.model, args.device)
+    settings = validate_section(GenerateConfig, section_flags(args, GenerateConfig), "sftune generate")
     if args.input:
-        counts = generate_file(
-            model, tokenizer, args.input, args.output, args.system, args.batch_size,
-            args.max_new_tokens, args.temperature, args.top_p,
-        )  # fmt: skip
+        if not args.output:
+            raise ConfigError("--input needs --output: the JSONL file to write the generations to")
+        counts = generate_to_file(args.model, args.input, args.output, settings)
         print(f"wrote {counts['written']} generations to {args.output} ({counts['rejected']} rows rejected)")
         return
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": args.prompt}
-    ]
-    print(generate_replies(model, tokenizer, [messages], args.max_new_tokens, args.temperature, args.top_p)[0].text)
+    print(generate(args.model, settings, args.prompt))
 
 
 def run_eval(args: argparse.Namespace) -> None:
     from sftune.recipes.evaluate import evaluate, resolve_eval_settings
 
-    settings, out_dir, run_dir = resolve_eval_settings(args.model, args.config, eval_overrides(args), args.out)
+    flags = section_flags(args, EvalConfig)
+    settings, out_dir, run_dir = resolve_eval_settings(args.model, args.config, list(args.overrides), args.out, flags)
     results = evaluate(args.model, args.data, settings, out_dir, args.baseline, run_dir)
     print_eval_table(results)
     print("report: " + ", ".join(results["report"]))
-
-
-def eval_overrides(args: argparse.Namespace) -> list[str]:
-    """The convenience flags are dotted overrides of the eval section, after those given as overrides."""
-    flags = {
-        "metrics": f"[{args.metrics}]" if args.metrics else None,
-        "extractor": args.extractor,
-        "answer_pattern": args.pattern,
-        "max_new_tokens": args.max_new_tokens,
-        "max_rows": args.max_rows,
-    }
-    return [*args.overrides, *(f"eval.{key}={value}" for key, value in flags.items() if value is not None)]
 
 
 def print_eval_table(results: dict) -> None:  # type: ignore[type-arg]
@@ -170,41 +180,31 @@ def print_eval_table(results: dict) -> None:  # type: ignore[type-arg]
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from sftune.infer.chat import ChatSettings, chat
+    from sftune.recipes.chat import chat
 
-    settings = ChatSettings(args.max_new_tokens, args.temperature, args.top_p)
-    return chat(args.model, args.system, settings, args.device)
+    return chat(args.model, validate_section(GenerateConfig, section_flags(args, GenerateConfig), "sftune chat"))
 
 
 def run_merge(args: argparse.Namespace) -> None:
-    from sftune.infer.generate import resolve_model_dir
-    from sftune.model.lora import merge_adapter
+    from sftune.recipes.merge import merge
 
-    out = merge_adapter(resolve_model_dir(args.adapter), args.out)
-    print(f"merged model in {out}")
+    print(f"merged model in {merge(args.adapter, args.out)}")
 
 
 def run_data(args: argparse.Namespace) -> int:
-    from sftune.data.inspect import render_ansi, render_html, render_legend_ansi
-    from sftune.recipes.data_check import first_examples, run_check
+    from sftune.recipes.data_check import inspect, run_check
 
     config = load_config(args.config, list(args.overrides))
     if args.data_command == "check":
         report = run_check(config, args.rejects, args.json)
         print(report.to_text())
         return 1 if args.strict and report.failed_checks() else 0
-    examples, tokenizer = first_examples(config, args.n)
-    print(render_legend_ansi())
-    for example in examples:
-        print(render_ansi(example, tokenizer, args.ids, args.boundaries))
-    if args.html:
-        Path(args.html).write_text(render_html(examples, tokenizer, args.ids, args.boundaries))
-        print(f"wrote {args.html}")
+    inspect(config, args.n, args.ids, args.boundaries, args.html)
     return 0
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from sftune.recipes.demo import run_demo as demo
+    from sftune.recipes.demo import demo
 
     demo(args.out, list(args.overrides))
 
@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         code = handlers[args.command](args)
-    except _user_errors() as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return code if isinstance(code, int) else 0

@@ -8,18 +8,33 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Base of every error the user can fix (config, data, template, model, run set-up): the command line prints
+    its message, which says what happened and how to fix it, instead of a traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A config file or override that cannot be used; the message says which key and how to fix it."""
+
+
+# The one list of names for each choice: the schema validates them, the CLI offers them, eval/metrics runs them.
+MetricName = Literal["exact_match", "json_valid", "json_fields", "rouge_l", "stop_rate", "mean_length"]
+ExtractorName = Literal["full", "last_line", "after_hashes", "regex", "json"]
+METRIC_NAMES: tuple[str, ...] = get_args(MetricName)
+EXTRACTOR_NAMES: tuple[str, ...] = get_args(ExtractorName)
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+SectionT = TypeVar("SectionT", bound=_Section)
 
 
 class ModelConfig(_Section):
@@ -131,27 +146,48 @@ class OutputConfig(_Section):
     )
 
 
-class EvalConfig(_Section):
-    metrics: list[Literal["exact_match", "json_valid", "json_fields", "rouge_l", "stop_rate", "mean_length"]] = Field(
-        ["exact_match", "json_valid", "json_fields", "rouge_l", "stop_rate", "mean_length"],
-        description="Generation metrics of `sftune eval` (json_fields only scores rows whose reference is a JSON "
-        "object).",
-    )
-    extractor: Literal["full", "last_line", "after_hashes", "regex", "json"] = Field(
-        "full",
-        description="Answer for exact_match: full text, last line, the text after '####', a regex, or parsed JSON.",
-    )
-    answer_pattern: str | None = Field(None, description="Regex for extractor=regex (group 1 if it has one).")
+class SamplingConfig(_Section):
+    """How replies are generated: shared by `sftune generate`, `sftune chat` and `sftune eval`."""
+
     max_new_tokens: int = Field(256, gt=0, description="Longest generated reply, in tokens.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0 = greedy.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with temperature > 0).")
     batch_size: int = Field(16, gt=0, description="Prompts generated together.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run; auto = cuda if present.")
+    dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Weights dtype for generation; auto = bf16 where the CPU/GPU supports it."
+    )
+
+
+class GenerateConfig(SamplingConfig):
+    """`sftune generate` and `sftune chat`: their flags are these fields (--max-new-tokens, --system, ...)."""
+
+    system_prompt: str | None = Field(None, description="System message for prompts that have none.")
+
+
+class EvalConfig(SamplingConfig):
+    metrics: list[MetricName] = Field(
+        list(get_args(MetricName)),
+        description="Generation metrics of `sftune eval` (json_fields only scores rows whose reference is a JSON "
+        "object).",
+    )
+    extractor: ExtractorName = Field(
+        "full",
+        description="Answer for exact_match: full text, last line, the text after '####', a regex, or parsed JSON.",
+    )
+    answer_pattern: str | None = Field(None, description="Regex for extractor=regex (group 1 if it has one).")
     max_rows: int | None = Field(None, gt=0, description="Evaluate only the first N rows.")
     report_samples: int = Field(8, ge=0, description="Prompts shown with both models' outputs in the report.")
     sample_prompts: int = Field(
         0, ge=0, description="During training: generate for the first N validation prompts at each evaluation."
     )
     sample_max_new_tokens: int = Field(64, gt=0, description="Longest reply of those training-time samples.")
+
+    @model_validator(mode="after")
+    def _check_pattern(self) -> EvalConfig:
+        if self.extractor == "regex" and not self.answer_pattern:
+            raise ValueError("eval.extractor=regex needs eval.answer_pattern (e.g. 'answer is (\\d+)')")
+        return self
 
 
 class Config(_Section):
@@ -162,13 +198,12 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and sample generations.")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="`sftune generate` and `chat`.")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Config:
         if self.data.validation and self.data.validation_fraction:
             raise ValueError("set data.validation or data.validation_fraction, not both")
-        if self.eval.extractor == "regex" and not self.eval.answer_pattern:
-            raise ValueError("eval.extractor=regex needs eval.answer_pattern (e.g. 'answer is (\\d+)')")
         if self.train.method == "qlora" and self.lora.use_dora:
             raise ValueError(
                 "lora.use_dora=true does not work with train.method=qlora (PEFT's DoRA cannot read the NF4 base "
@@ -206,6 +241,9 @@ def _describe_error(error: Any) -> str:
         return f"unknown key '{key}' {hint} (valid keys here: {', '.join(valid)})".replace("  ", " ")
     if error["type"] == "missing":
         return f"missing required key '{key}'"
+    if error["type"] == "value_error":  # a rule across several keys of a section: its message says it all
+        message = str(error["msg"]).removeprefix("Value error, ")
+        return f"'{key}': {message}" if key else message
     return f"'{key}': {error['msg']} (got {error.get('input')!r})"
 
 
@@ -223,6 +261,15 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
                 _describe_error({"loc": (k,), "type": "extra_forbidden"}) for k in unknown
             ]
         raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(dict.fromkeys(lines))) from None
+
+
+def validate_section(section: type[SectionT], values: dict[str, Any], source: str) -> SectionT:
+    """One config section on its own (e.g. the generate flags): the same checks and messages as a whole config."""
+    try:
+        return section.model_validate(values)
+    except ValidationError as exc:
+        lines = [_describe_error(e) for e in exc.errors()]
+        raise ConfigError(f"{source}: invalid settings:\n  " + "\n  ".join(dict.fromkeys(lines))) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from sftune.config import load_config
 from sftune.data.check import (
@@ -14,10 +13,6 @@ from sftune.data.check import (
     check_conversations,
     check_data,
     check_examples,
-    count_lora_parameters,
-    count_parameters,
-    estimate_memory,
-    padding_waste,
     percentiles,
 )
 from sftune.data.dataset import build_examples
@@ -203,9 +198,8 @@ def test_report_keeps_the_examples_build_examples_would_build(tmp_path, smollm2_
     config = load_config({"data": {"train": str(path), "max_length": 60}})  # the longest rows are too_long
     template = resolve_template("auto", smollm2_tokenizer)
     conversations, rejections, formats = read_conversations(str(path), config.data)
-    expected, expected_rejections = build_examples(
-        conversations, smollm2_tokenizer, template, config.data, config.template
-    )
+    built = build_examples(conversations, smollm2_tokenizer, template, config.template.mask, config.data.max_length)
+    expected, expected_rejections = built.examples, built.rejections
 
     report = check_data(config, smollm2_tokenizer, template)
     assert report.examples == expected and report.rows_kept == len(expected) < 5
@@ -213,7 +207,8 @@ def test_report_keeps_the_examples_build_examples_would_build(tmp_path, smollm2_
     assert report.rows_in == 6 == report.rows_kept + len(report.rejections)
     assert "examples" not in report.to_dict() and "rejections" not in report.to_dict()
     assert "held out" not in report.to_text()
-    train_part = build_report(conversations[:3], rejections, formats, config, smollm2_tokenizer, template)
+    built_part = build_examples(conversations[:3], smollm2_tokenizer, template, max_length=config.data.max_length)
+    train_part = build_report(built_part, rejections, formats, config, smollm2_tokenizer, template)
     assert train_part.examples == expected[: len(train_part.examples)] and train_part.rows_in == 4
     # formats count all 6 rows read; the 2 rows training holds out for validation are named in the text
     assert "(alpaca: 6; 2 of them held out for validation)" in train_part.to_text()
@@ -225,54 +220,3 @@ def test_report_keeps_the_examples_build_examples_would_build(tmp_path, smollm2_
 def test_percentiles_nearest_rank():
     assert percentiles(list(range(1, 101))) == {"p50": 50, "p90": 90, "p99": 99, "max": 100}
     assert percentiles([]) == {"p50": 0, "p90": 0, "p99": 0, "max": 0}
-
-
-def test_padding_waste_in_order_and_packed():
-    waste = padding_waste([10, 2, 6, 6], micro_batch_size=2, max_length=12, seed=0, shuffle=False)
-    assert waste["padding_share"] == pytest.approx(1 - 24 / 32, abs=1e-4)  # batches [10, 2] and [6, 6]
-    # Packed in order into 12-token bins: [10, 2], [6, 6] -> 2 full sequences, no padding.
-    assert waste["packed_sequences"] == 2 and waste["packed_padding_share"] == 0.0
-
-
-def test_parameter_count_matches_a_real_model():
-    for tied in (True, False):
-        config = LlamaConfig(
-            vocab_size=101,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=tied,
-        )
-        model = LlamaForCausalLM(config)
-        assert count_parameters(config)["total"] == sum(p.numel() for p in model.parameters())
-    assert count_lora_parameters(config, 8) == 3 * 8 * ((32 + 32) * 2 + (32 + 16) * 2 + (32 + 48) * 3)
-
-
-def test_memory_estimate_orders_full_lora_qlora():
-    model_config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        tie_word_embeddings=True,
-    )  # SmolLM2-135M
-    config = load_config({"data": {"train": "x.json"}, "lora": {"dropout": 0.0}})
-    memory = estimate_memory(model_config, config, micro_batch_tokens=2048)
-    assert 130e6 < memory["parameters"] < 140e6 and memory["lora_rank"] == config.lora.r
-    assert memory["full_gib"] > memory["lora_gib"] >= memory["qlora_gib"] > memory["activations_gib"] > 0
-    for method in ("full", "lora", "qlora"):  # the CPU load peak (mapped file + weights) is a floor for every method
-        assert memory[f"{method}_gib"] >= memory["runtime_gib"] + memory["loading_gib"] - 1e-3
-
-    # LoRA dropout keeps a copy of every adapted input: (6 x 576 + 1536) values + mask bytes per layer and token.
-    dropout = load_config({"data": {"train": "x.json"}, "lora": {"dropout": 0.05}})
-    with_dropout = estimate_memory(model_config, dropout, micro_batch_tokens=2048)
-    added = 2048 * 30 * (6 * 576 + 1536) * 5 / 2**30
-    assert with_dropout["lora_gib"] - memory["lora_gib"] == pytest.approx(added, abs=2e-3)
-    assert with_dropout["full_gib"] == memory["full_gib"]
-
-    checkpointed = load_config({"data": {"train": "x.json"}, "train": {"gradient_checkpointing": True}})
-    assert estimate_memory(model_config, checkpointed, 2048)["activations_gib"] < memory["activations_gib"] / 4

@@ -6,8 +6,8 @@ from sftune.data.inspect import (
     PROMPT_ANSI,
     RESET_ANSI,
     SUPERVISED_ANSI,
-    render_ansi,
-    render_html,
+    render_example_ansi,
+    render_examples_html,
     split_pieces,
     supervised_text,
 )
@@ -30,7 +30,7 @@ def test_highlighted_text_is_exactly_assistant_content_and_end_tokens(smollm2_to
 
 def test_ansi_colours_supervised_runs_only(smollm2_tokenizer):
     example = chatml_example(smollm2_tokenizer)
-    text = render_ansi(example, smollm2_tokenizer)
+    text = render_example_ansi(example, smollm2_tokenizer)
     for content in ASSISTANT:
         assert f"{SUPERVISED_ANSI}{content}<|im_end|>{RESET_ANSI}" in text
     assert f"{PROMPT_ANSI}<|im_start|>system" in text
@@ -39,7 +39,7 @@ def test_ansi_colours_supervised_runs_only(smollm2_tokenizer):
 
 def test_ids_and_boundaries(smollm2_tokenizer):
     example = chatml_example(smollm2_tokenizer)
-    text = render_ansi(example, smollm2_tokenizer, ids=True, boundaries=True)
+    text = render_example_ansi(example, smollm2_tokenizer, ids=True, boundaries=True)
     assert text.count("|") >= len(example.input_ids)  # one boundary mark per token
     assert f"<|im_end|>[{smollm2_tokenizer.eos_token_id}]" in text
     per_token = split_pieces(example, smollm2_tokenizer, boundaries=True)
@@ -48,7 +48,7 @@ def test_ids_and_boundaries(smollm2_tokenizer):
 
 def test_html_page_is_self_contained_and_marks_the_same_tokens(smollm2_tokenizer):
     example = chatml_example(smollm2_tokenizer)
-    page = render_html([example], smollm2_tokenizer)
+    page = render_examples_html([example], smollm2_tokenizer)
     assert page.startswith("<!doctype html>") and "http" not in page and "<script" not in page
     for content in ASSISTANT:
         assert '<span class="sup" ' in page and f"{content}&lt;|im_end|&gt;</span>" in page

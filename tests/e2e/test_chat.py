@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from sftune.infer.chat import ChatSettings, chat_loop
+from sftune.config import GenerateConfig
+from sftune.infer.chat import chat_loop
 from sftune.infer.generate import load_for_inference, prompt_ids
 from tests.conftest import REPO
 
@@ -120,7 +121,7 @@ def scripted(lines: list[str]) -> Iterator[str]:
     raise EOFError  # Ctrl-D after the script
 
 
-def run_loop(model_and_tokenizer, lines: list[str], settings: ChatSettings, system: str | None = None) -> str:
+def run_loop(model_and_tokenizer, lines: list[str], settings: GenerateConfig, system: str | None = None) -> str:
     model, tokenizer = model_and_tokenizer
     script, written = scripted(lines), []
     code = chat_loop(model, tokenizer, system, settings, read=lambda prompt: next(script), write=written.append)
@@ -131,7 +132,9 @@ def run_loop(model_and_tokenizer, lines: list[str], settings: ChatSettings, syst
 def test_each_turn_sends_the_whole_conversation_and_reset_clears_it(model_and_tokenizer, prompts):
     _, tokenizer = model_and_tokenizer
     system = "You are terse."
-    written = run_loop(model_and_tokenizer, [FIRST, SECOND, "/reset", SECOND], ChatSettings(16), system)
+    written = run_loop(
+        model_and_tokenizer, [FIRST, SECOND, "/reset", SECOND], GenerateConfig(max_new_tokens=16), system
+    )
 
     first_reply = replies_in(written)[0]
     assert first_reply
@@ -145,7 +148,7 @@ def test_each_turn_sends_the_whole_conversation_and_reset_clears_it(model_and_to
 
 
 def test_a_reply_cut_at_max_new_tokens_says_so(model_and_tokenizer, prompts):
-    written = run_loop(model_and_tokenizer, ["Tell me a long story about a dragon."], ChatSettings(3))
+    written = run_loop(model_and_tokenizer, ["Tell me a long story about a dragon."], GenerateConfig(max_new_tokens=3))
     assert "[stopped at max_new_tokens=3 without end-of-turn]" in written
     assert len(prompts) == 1
 
@@ -159,6 +162,13 @@ def test_ctrl_c_during_a_reply_drops_that_exchange_and_chat_goes_on(model_and_to
         if written[-2:-1] == ["assistant> "] and len(prompts) == 1:
             raise KeyboardInterrupt  # as Ctrl-C would, at the first streamed text of the first reply
 
-    code = chat_loop(model, tokenizer, None, ChatSettings(16), lambda _: next(script), write_then_interrupt_first_reply)
+    code = chat_loop(
+        model,
+        tokenizer,
+        None,
+        GenerateConfig(max_new_tokens=16),
+        lambda _: next(script),
+        write_then_interrupt_first_reply,
+    )
     assert code == 0 and "[reply interrupted" in "".join(written)
     assert prompts[1] == prompt_ids(tokenizer, [{"role": "user", "content": SECOND}])  # turn 1 was not kept

@@ -8,7 +8,8 @@ import pytest
 
 from sftune.cli import main
 from sftune.config import load_config
-from sftune.recipes.sft import RunError, train
+from sftune.recipes.sft import train
+from sftune.training.run import RunError
 from tests.conftest import REPO
 from tests.e2e.test_cli import write_config
 

@@ -55,15 +55,15 @@ def test_default_model_adapter_trains_merges_and_generates(tmp_path, method, cap
 def test_default_model_4bit_base_is_under_0_3x_its_bf16_size():
     import torch
 
-    from sftune.data.check import count_parameters
     from sftune.model.load import load_model, resolve_model_path
     from sftune.model.lora import nf4_weight_memory, quantize_base_to_nf4
+    from sftune.model.memory import count_model_parameters
 
     model = load_model(resolve_model_path("smollm2-135m-instruct"), torch.float32, torch.device("cpu"))
     quantize_base_to_nf4(model)
     memory = nf4_weight_memory(model)
     # Every linear of the transformer blocks is 4-bit (the tied embedding / LM head stays dense, as in QLoRA).
-    assert memory["nf4_weights"] == count_parameters(model.config)["linear"]
+    assert memory["nf4_weights"] == count_model_parameters(model.config)["linear"]
     ratio = memory["nf4_bytes"] / memory["bf16_bytes"]
     nf4_mib, bf16_mib = memory["nf4_bytes"] / 2**20, memory["bf16_bytes"] / 2**20
     print(f"4-bit base: {nf4_mib:.1f} MiB vs {bf16_mib:.1f} MiB bf16: {ratio:.3f}x")

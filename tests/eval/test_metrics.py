@@ -7,7 +7,6 @@ import pytest
 from sftune.eval.metrics import (
     EXTRACTORS,
     METRICS,
-    Generation,
     extract_answer,
     is_exact_match,
     is_valid_json,
@@ -18,6 +17,7 @@ from sftune.eval.metrics import (
     rouge_l,
     score_generations,
 )
+from sftune.infer.types import Generation
 
 GSM8K_REFERENCE = (
     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sftune.eval.metrics import Generation
 from sftune.eval.report import ModelEval, write_report
 from sftune.infer.prompts import PromptRow
+from sftune.infer.types import Generation
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TAB_BLUE, TAB_ORANGE = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's train and validation line colours

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sftune.config import Config, ConfigError, load_config
 from sftune.model.load import load_model, load_tokenizer
 from sftune.model.lora import (
-    count_parameters,
+    count_trainable_parameters,
     dequantize_base,
     load_merged,
     merge_adapter,
@@ -112,7 +112,7 @@ def test_full_trains_everything_and_lora_only_adapters_of_block_linears(tiny_mod
         wrapped = {n.split(".layers.")[1].split(".lora_")[0].split(".", 1)[1] for n in trainable}
         expected = {f"self_attn.{x}_proj" for x in "qkvo"} | {f"mlp.{x}_proj" for x in ("gate", "up", "down")}
         assert wrapped == expected  # every linear of the blocks, not lm_head
-        trainable_count, total = count_parameters(model)
+        trainable_count, total = count_trainable_parameters(model)
         assert 0 < trainable_count < total
     qlora = prepared(tiny_model_dir, "qlora")
     weights = [m.weight for m in qlora.modules() if isinstance(m, torch.nn.Linear)]

@@ -21,9 +21,17 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def train_tiny_run(tmp_path, model_dir):
     config = {
-        "model": {"name_or_path": str(model_dir)},
+        # fp32 throughout (not auto = bf16 on CPUs that have it): the eval loss must reproduce the validation loss
+        "model": {"name_or_path": str(model_dir), "dtype": "fp32"},
         "data": {"train": str(ALPACA), "validation": str(ALPACA)},
-        "train": {"max_steps": 4, "micro_batch_size": 4, "learning_rate": 3e-3, "eval_every": 2, "progress": False},
+        "train": {
+            "max_steps": 4,
+            "micro_batch_size": 4,
+            "learning_rate": 3e-3,
+            "eval_every": 2,
+            "progress": False,
+            "precision": "fp32",
+        },
         "eval": {"sample_prompts": 2, "sample_max_new_tokens": 5},
         "output": {"dir": str(tmp_path / "run")},
     }
@@ -39,7 +47,9 @@ def test_eval_beside_baseline_writes_results_generations_and_report(tmp_path, ti
     assert [(s["step"], s["index"]) for s in samples] == [(2, 0), (2, 1), (4, 0), (4, 1)]  # each evaluation
     assert samples[0]["prompt"] == "Give the capital of France."
 
-    settings = EvalConfig(max_new_tokens=6, batch_size=3, report_samples=3, metrics=["exact_match", "stop_rate"])
+    settings = EvalConfig(
+        max_new_tokens=6, batch_size=3, report_samples=3, metrics=["exact_match", "stop_rate"], dtype="fp32"
+    )
     results = evaluate(str(run), str(ALPACA), settings, run / "eval", baseline=str(tiny_model_dir), run_dir=run)
 
     rows = len(json.loads(ALPACA.read_text()))

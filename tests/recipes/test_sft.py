@@ -13,7 +13,10 @@ from safetensors.torch import load_file
 from sftune.config import load_config
 from sftune.data.dataset import build_examples
 from sftune.data.formats import read_conversations, split_validation
-from sftune.recipes.sft import RunError, setup_data, setup_tokenizer, train
+from sftune.model.setup import setup_tokenizer
+from sftune.recipes.sft import train
+from sftune.training.data import setup_data
+from sftune.training.run import RunError
 
 
 def write_alpaca(path: Path, count: int = 14) -> Path:
@@ -71,7 +74,7 @@ def test_trains_the_examples_the_data_report_built_once(tmp_path, tiny_model_dir
 
     conversations, _, _ = read_conversations(config.data.train, config.data)
     train_rows, _ = split_validation(conversations, config.data.validation_fraction, config.train.seed)
-    expected, _ = build_examples(train_rows, tokenizer, template, config.data, config.template)
+    expected = build_examples(train_rows, tokenizer, template, config.template.mask, config.data.max_length).examples
     assert expected and data.train == expected  # what the report built is exactly what build_examples builds
     report = json.loads((run_dir / "data_report.json").read_text())
     summary = json.loads((run_dir / "data_summary.json").read_text())

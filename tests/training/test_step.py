@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from sftune.data.batching import collate
 from sftune.data.types import IGNORE_INDEX, Example
-from sftune.training.loss import token_loss_sum
+from sftune.training.loss import TokenLoss, token_loss_sum
 from sftune.training.step import backward_window
 
 
@@ -37,11 +37,11 @@ def test_micro_batch_8_equals_accumulation_8(tiny_model_dir):
     pad = model.config.pad_token_id
 
     model.zero_grad()
-    loss_big = backward_window(model, [collate(examples, pad)])
+    loss_big = backward_window([collate(examples, pad)], TokenLoss.for_model(model))
     grads_big = gradients(model)
 
     model.zero_grad()
-    loss_small = backward_window(model, [collate([e], pad) for e in examples])
+    loss_small = backward_window([collate([e], pad) for e in examples], TokenLoss.for_model(model))
     grads_small = gradients(model)
 
     assert abs(loss_big - loss_small) <= 1e-5
@@ -60,7 +60,7 @@ def test_loss_is_token_weighted_not_mean_of_means(tiny_model_dir):
     expected = sum(sums) / sum(counts)
     mean_of_means = sum(s / c for s, c in zip(sums, counts, strict=True)) / len(sums)
     model.zero_grad()
-    got = backward_window(model, [collate([e], pad) for e in examples])
+    got = backward_window([collate([e], pad) for e in examples], TokenLoss.for_model(model))
     assert abs(got - expected) < 1e-5
     assert abs(expected - mean_of_means) > 1e-4  # the lengths differ enough for the two to disagree
 

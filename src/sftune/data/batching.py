@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -67,3 +68,42 @@ def window_micro_batches(
     """Example indices of each micro-batch in accumulation window `window` of `epoch`."""
     chunks = micro_batch_indices(epoch_order(num_examples, seed, epoch, shuffle), micro_batch_size)
     return chunks[window * accumulation : (window + 1) * accumulation]
+
+
+# ------------------------------------------------------------------------------------ batching estimates
+
+
+def padding_waste(
+    lengths: list[int], micro_batch_size: int, max_length: int, seed: int, shuffle: bool
+) -> dict[str, Any]:
+    """Padding share of the first epoch's micro-batches (the recipe's order), and with packing into max_length bins."""
+    order = epoch_order(len(lengths), seed, 0, shuffle)
+    batches = micro_batch_indices(order, micro_batch_size)
+    padded = sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
+    tokens = sum(lengths)
+    bins = count_packed_bins([lengths[i] for i in order], max_length)
+    packed_padded = -(-bins // micro_batch_size) * micro_batch_size * max_length if bins else 0
+    return {
+        "micro_batch_size": micro_batch_size,
+        "micro_batches": len(batches),
+        "padding_share": round(1 - tokens / padded, 4) if padded else 0.0,
+        "packed_max_length": max_length,
+        "packed_sequences": bins,
+        "packed_padding_share": round(1 - tokens / packed_padded, 4) if packed_padded else 0.0,
+    }
+
+
+def count_packed_bins(lengths: list[int], max_length: int) -> int:
+    """Sequences concatenated in order into bins of max_length tokens; a new bin when the next does not fit."""
+    bins, used = 0, max_length
+    for length in lengths:
+        if used + length > max_length:
+            bins, used = bins + 1, 0
+        used += length
+    return bins
+
+
+def longest_micro_batch(lengths: list[int], micro_batch_size: int) -> tuple[int, int]:
+    """Tokens (padded) in the largest micro-batch, micro_batch_size x the longest example; and that length."""
+    longest = max(lengths, default=0)
+    return micro_batch_size * longest, longest

@@ -1,10 +1,12 @@
-"""Prove the data before training: counts, lengths, mask checks, batching waste and a memory estimate.
+"""Prove the data before training: counts, lengths, mask checks, batching waste (and the memory estimate that
+the caller computes next to the model, model/memory.py).
 
-`check_data` reads the training rows exactly as training does; `build_report` builds every example and checks the
-mask on each one. The report keeps the examples, so the sft recipe trains on the very examples it checked instead
-of building them twice. The mask checks (`MASK_CHECKS`) work on any (input_ids, labels) pair, not only examples
-built here, so a mask made by other code (e.g. a collator that masks by pad id) can be checked too. A template error on
-one row (double BOS, a template that is not prefix-consistent) becomes a failed check with a count, not a crash.
+The check builds nothing of its own: `build_report` reports on examples made by `data.dataset.build_examples`, the
+same call that makes the examples training uses, and keeps them, so the sft recipe trains on the very examples it
+checked. The mask checks (`MASK_CHECKS`) work on any (input_ids, labels) pair, not only examples built here, so a
+mask made by other code (e.g. a collator that masks by pad id) can be checked too. A template error on one row
+(double BOS, a template that is not prefix-consistent) is a rejection of that row and a failed check with a count,
+not a crash.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from sftune.data.batching import epoch_order, micro_batch_indices
+from sftune.data.batching import padding_waste
+from sftune.data.dataset import DOUBLE_BOS, TEMPLATE_ERROR, BuiltExamples, build_examples
 from sftune.data.formats import read_conversations
-from sftune.data.masking import build_example, has_double_bos, special_token_ids, tokenize_rendered
+from sftune.data.masking import has_double_bos, special_token_ids, tokenize_rendered
 from sftune.data.templates import ChatTemplate, TemplateError, render
 from sftune.data.types import IGNORE_INDEX, Conversation, Example, Rejection
 
@@ -83,34 +86,33 @@ class DataReport:
 # ----------------------------------------------------------------------------------------- entry point
 
 
-def check_data(config: Config, tokenizer: Any, template: ChatTemplate, model_config: Any | None = None) -> DataReport:
-    """Read config.data.train as training would, build every example, and report on all of it."""
-    conversations, rejections, formats = read_conversations(config.data.train, config.data)
-    return build_report(conversations, rejections, formats, config, tokenizer, template, model_config)
+def check_data(config: Config, tokenizer: Any, template: ChatTemplate) -> DataReport:
+    """Read config.data.train as training would, build every example with `build_examples`, report on all of it."""
+    data = config.data
+    conversations, rejections, formats = read_conversations(data.train, data)
+    built = build_examples(conversations, tokenizer, template, config.template.mask, data.max_length, data.truncation)
+    return build_report(built, rejections, formats, config, tokenizer, template)
 
 
 def build_report(
-    conversations: list[Conversation],
+    built: BuiltExamples,
     rejections: list[Rejection],
     formats: dict[str, int],
     config: Config,
     tokenizer: Any,
     template: ChatTemplate,
-    model_config: Any | None = None,
 ) -> DataReport:
-    """Build and check every conversation exactly as training builds it, and report on them and on `rejections`
-    (rows dropped on reading). The report keeps the built examples: training uses them as they are."""
+    """Check and report on the examples `build_examples` made, and on `rejections` (rows dropped on reading).
+    The report keeps the built examples: training uses them as they are."""
     data_cfg = config.data
-    rows_in = len(conversations) + len(rejections)
-    examples, built_rejections, checks = check_conversations(
-        conversations, tokenizer, template, config.template.mask, data_cfg.max_length, data_cfg.truncation
-    )
-    rejections = rejections + built_rejections
+    examples = built.examples
+    rejections = rejections + built.rejections
+    rows_in = len(examples) + len(rejections)
+    checks = check_mask(built, tokenizer, template, config.template.mask)
     zero = sum(r.reason == "no_supervised_tokens" for r in rejections)
     checks.append(
         _count_check("rows_have_supervised_tokens", zero, rows_in, _first(rejections, "no_supervised_tokens"))
     )
-    lengths = length_percentiles(examples)
     train_cfg = config.train
     return DataReport(
         rows_in=rows_in,
@@ -119,7 +121,7 @@ def build_report(
         rejected_by_reason=dict(Counter(r.reason for r in rejections)),
         tokens=sum(len(e.input_ids) for e in examples),
         supervised_tokens=sum(e.num_supervised for e in examples),
-        lengths=lengths,
+        lengths=length_percentiles(examples),
         rows_truncated=sum(e.truncated for e in examples),
         rows_zero_supervised=zero,
         checks=checks,
@@ -136,7 +138,7 @@ def build_report(
             train_cfg.seed,
             data_cfg.shuffle,
         ),
-        memory=estimate_memory(model_config, config, *_longest_micro_batch(examples, config)) if model_config else None,
+        memory=None,  # the caller's to fill: model knowledge lives in model/memory.py
         tokens_to_train=tokens_to_train(examples, config),
         rejections=rejections,
         examples=examples,
@@ -151,30 +153,26 @@ def check_conversations(
     max_length: int | None = None,
     truncation: str = "drop",
 ) -> tuple[list[Example], list[Rejection], list[CheckResult]]:
-    """Build each example and run every mask check; template errors count as failed checks and rejections."""
-    examples: list[Example] = []
-    rejections: list[Rejection] = []
+    """Build the conversations with `build_examples` and run every mask check on them."""
+    built = build_examples(conversations, tokenizer, template, mask, max_length, truncation)  # type: ignore[arg-type]
+    return built.examples, built.rejections, check_mask(built, tokenizer, template, mask)
+
+
+def check_mask(built: BuiltExamples, tokenizer: Any, template: ChatTemplate, mask: str) -> list[CheckResult]:
+    """Every mask check over built examples; rows the template could not render count as failures."""
     failures: dict[str, list[str]] = {name: [] for name in MASK_CHECKS}
-    for conversation in conversations:
-        try:
-            result = build_example(tokenizer, template, conversation, mask, max_length, truncation)  # type: ignore[arg-type]
-        except TemplateError as error:
-            name, reason = (
-                ("single_bos", "double_bos") if "two BOS" in str(error) else ("inference_parity", "template_error")
-            )
-            failures[name].append(conversation.source)
-            rejections.append(Rejection(conversation.source, reason, str(error)))
-            continue
-        if isinstance(result, Rejection):
-            rejections.append(result)
-            continue
-        examples.append(result)
-        for name in failed_mask_checks(result, tokenizer):
-            failures[name].append(result.source)
-        if mask != "all" and not is_inference_consistent(result, conversation, tokenizer, template):
-            failures["inference_parity"].append(result.source)
-    checked = len(conversations)
-    return examples, rejections, [_named_check(name, failures[name], checked) for name in MASK_CHECKS]
+    for rejection in built.rejections:
+        if rejection.reason == DOUBLE_BOS:
+            failures["single_bos"].append(rejection.source)
+        elif rejection.reason == TEMPLATE_ERROR:
+            failures["inference_parity"].append(rejection.source)
+    for example, conversation in zip(built.examples, built.conversations, strict=True):
+        for name in failed_mask_checks(example, tokenizer):
+            failures[name].append(example.source)
+        if mask != "all" and not is_inference_consistent(example, conversation, tokenizer, template):
+            failures["inference_parity"].append(example.source)
+    checked = len(built.examples) + len(built.rejections)
+    return [_named_check(name, failures[name], checked) for name in MASK_CHECKS]
 
 
 def check_examples(examples: list[Example], tokenizer: Any) -> list[CheckResult]:
@@ -262,7 +260,7 @@ CHECK_DESCRIPTIONS = {
 }
 
 
-# ------------------------------------------------------------------------------------ lengths, batching
+# ------------------------------------------------------------------------------------------ lengths
 
 
 def length_percentiles(examples: list[Example]) -> dict[str, dict[str, int]]:
@@ -284,36 +282,6 @@ def percentiles(values: list[int]) -> dict[str, int]:
     return {"p50": rank(50), "p90": rank(90), "p99": rank(99), "max": ordered[-1]}
 
 
-def padding_waste(
-    lengths: list[int], micro_batch_size: int, max_length: int, seed: int, shuffle: bool
-) -> dict[str, Any]:
-    """Padding share of the first epoch's micro-batches (the recipe's order), and with packing into max_length bins."""
-    order = epoch_order(len(lengths), seed, 0, shuffle)
-    batches = micro_batch_indices(order, micro_batch_size)
-    padded = sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
-    tokens = sum(lengths)
-    bins = count_packed_bins([lengths[i] for i in order], max_length)
-    packed_padded = -(-bins // micro_batch_size) * micro_batch_size * max_length if bins else 0
-    return {
-        "micro_batch_size": micro_batch_size,
-        "micro_batches": len(batches),
-        "padding_share": round(1 - tokens / padded, 4) if padded else 0.0,
-        "packed_max_length": max_length,
-        "packed_sequences": bins,
-        "packed_padding_share": round(1 - tokens / packed_padded, 4) if packed_padded else 0.0,
-    }
-
-
-def count_packed_bins(lengths: list[int], max_length: int) -> int:
-    """Sequences concatenated in order into bins of max_length tokens; a new bin when the next does not fit."""
-    bins, used = 0, max_length
-    for length in lengths:
-        if used + length > max_length:
-            bins, used = bins + 1, 0
-        used += length
-    return bins
-
-
 def tokens_to_train(examples: list[Example], config: Config) -> dict[str, float]:
     train = config.train
     if train.max_steps:
@@ -327,126 +295,6 @@ def tokens_to_train(examples: list[Example], config: Config) -> dict[str, float]
         "supervised_tokens": round(epochs * supervised),
         "tokens": round(epochs * total),
     }
-
-
-def _longest_micro_batch(examples: list[Example], config: Config) -> tuple[int, int]:
-    """Tokens (padded) in the largest micro-batch, micro_batch_size x the longest example; and that length."""
-    longest = max((len(e.input_ids) for e in examples), default=0)
-    return config.train.micro_batch_size * longest, longest
-
-
-# -------------------------------------------------------------------------------------------- memory
-
-
-def count_parameters(model_config: Any) -> dict[str, int]:
-    """Parameters of a Llama/Qwen-style decoder from its config: embeddings, attention, gated MLP, norms."""
-    hidden = model_config.hidden_size
-    layers = model_config.num_hidden_layers
-    heads = model_config.num_attention_heads
-    head_dim = getattr(model_config, "head_dim", None) or hidden // heads
-    kv_dim = (getattr(model_config, "num_key_value_heads", None) or heads) * head_dim
-    inter = model_config.intermediate_size
-    vocab = model_config.vocab_size
-    attention = hidden * heads * head_dim * 2 + hidden * kv_dim * 2  # q, o and k, v
-    mlp = 3 * hidden * inter  # gate, up, down
-    embeddings = vocab * hidden * (1 if getattr(model_config, "tie_word_embeddings", False) else 2)
-    linear = layers * (attention + mlp)
-    norms = layers * 2 * hidden + hidden
-    return {"total": embeddings + linear + norms, "linear": linear, "embeddings": embeddings, "norms": norms}
-
-
-def count_lora_parameters(model_config: Any, rank: int) -> int:
-    """Adapter parameters for rank-r LoRA on every attention and MLP projection: r x (in + out) each."""
-    hidden, inter = model_config.hidden_size, model_config.intermediate_size
-    heads = model_config.num_attention_heads
-    head_dim = getattr(model_config, "head_dim", None) or hidden // heads
-    kv_dim = (getattr(model_config, "num_key_value_heads", None) or heads) * head_dim
-    per_layer = (hidden + heads * head_dim) * 2 + (hidden + kv_dim) * 2 + (hidden + inter) * 3
-    return int(model_config.num_hidden_layers * rank * per_layer)
-
-
-def estimate_activation_bytes(
-    model_config: Any, tokens: int, gradient_checkpointing: bool, sequence_length: int
-) -> int:
-    """fp32 tensors kept for backward, per token: ~(10 hidden + 4 intermediate) per layer, the attention scores
-    and probabilities (heads x sequence length, eager/math attention on CPU), plus logits and their gradient."""
-    hidden, inter, layers = model_config.hidden_size, model_config.intermediate_size, model_config.num_hidden_layers
-    per_layer = (10 * hidden + 4 * inter + 2 * model_config.num_attention_heads * sequence_length) * 4
-    kept_layers = 1 if gradient_checkpointing else layers
-    checkpoints = layers * hidden * 4 if gradient_checkpointing else 0
-    logits = 2 * model_config.vocab_size * 4
-    return int(tokens * (kept_layers * per_layer + checkpoints + logits))
-
-
-def estimate_dropout_bytes(model_config: Any, tokens: int, config: Config) -> int:
-    """LoRA dropout keeps its own copy of each adapted linear's input, and its mask: (6 hidden + intermediate)
-    values per layer and token (q, k, v, o, gate, up, down), 4 bytes each plus a 1-byte mask."""
-    if not config.lora.dropout:
-        return 0
-    layers = 1 if config.train.gradient_checkpointing else model_config.num_hidden_layers
-    return int(tokens * layers * (6 * model_config.hidden_size + model_config.intermediate_size) * 5)
-
-
-# Python + torch + transformers + peft after import, before any model (CPU, measured by bench/methods.py).
-RUNTIME_BYTES = int(0.35 * 1024**3)
-
-
-def estimate_memory(
-    model_config: Any, config: Config, micro_batch_tokens: int, sequence_length: int | None = None
-) -> dict[str, Any]:
-    """Pre-flight peak memory (GiB) for full, LoRA and QLoRA fine-tuning, from the model config alone.
-
-    Peak = runtime + the larger of loading (on CPU the checkpoint's mapped pages and the materialised weights
-    are resident together) and training: weights, AdamW state, the larger of the activations of the longest
-    micro-batch and the gradients (gradients are freed between steps and fill in as backward frees the
-    activations), and for LoRA/QLoRA the dropout copies. QLoRA loads the base in full precision first.
-    """
-    length = sequence_length or micro_batch_tokens // config.train.micro_batch_size
-    params = count_parameters(model_config)
-    adapter = count_lora_parameters(model_config, config.lora.r)
-    gc_on = config.train.gradient_checkpointing
-    activations = estimate_activation_bytes(model_config, micro_batch_tokens, gc_on, length)
-    adapter_activations = activations + estimate_dropout_bytes(model_config, micro_batch_tokens, config)
-    base_bytes = 4 if config.model.dtype in ("fp32", "auto") else 2
-    loading = params["total"] * (checkpoint_bytes_per_parameter(model_config) + base_bytes)
-    adapter_state = adapter * 16  # fp32 weights + grads + 2 AdamW states
-    nf4 = params["linear"] * (0.5 + 1 / 64 + 4 / (64 * 256))  # 4-bit + double-quantized blockwise scales
-    training = {
-        # fp32 weights + 2 AdamW states, then activations (forward) or gradients (end of backward), whichever is larger
-        "full": params["total"] * 12 + max(activations, params["total"] * 4),
-        "lora": params["total"] * base_bytes + adapter_state + adapter_activations,
-        "qlora": nf4 + (params["embeddings"] + params["norms"]) * base_bytes + adapter_state + adapter_activations,
-    }
-    gib = 1024**3
-    return {
-        "parameters": params["total"],
-        "lora_rank": config.lora.r,
-        "lora_parameters": adapter,
-        "micro_batch_tokens": micro_batch_tokens,
-        "runtime_gib": round(RUNTIME_BYTES / gib, 3),
-        "loading_gib": round(loading / gib, 3),
-        "activations_gib": round(activations / gib, 3),
-        **{f"{method}_gib": round((RUNTIME_BYTES + max(loading, t)) / gib, 3) for method, t in training.items()},
-        "assumptions": "peak = runtime + max(loading, training); full: fp32 weights + 2 AdamW states + "
-        "activations; LoRA: frozen base at model.dtype (auto=fp32) + adapter state + activations + dropout "
-        "copies; QLoRA: NF4 block linears, other weights at model.dtype, loaded in full precision first",
-    }
-
-
-def checkpoint_bytes_per_parameter(model_config: Any) -> int:
-    """Bytes per weight in the checkpoint file (its config's dtype; bf16 when it does not say)."""
-    dtype = str(getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None) or "bfloat16")
-    return 4 if "float32" in dtype else 2
-
-
-def load_model_config(path: str) -> Any | None:
-    """The model's config.json as a transformers config, or None where it cannot be read (e.g. a .gguf file)."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError):
-        return None
 
 
 # ------------------------------------------------------------------------------------------ rendering

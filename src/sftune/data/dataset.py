@@ -1,4 +1,9 @@
-"""Conversations -> training examples, with every rejection counted by reason."""
+"""Conversations -> training examples, with every rejection counted by reason.
+
+`build_examples` is the one place where examples are built: training and validation rows, the data check
+(`sftune data check`, `sftune data inspect`) and `sftune eval`'s loss all call it, so what is checked, shown
+and measured is exactly what is trained.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,54 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from sftune.config import DataConfig, TemplateConfig
-from sftune.data.masking import build_example
-from sftune.data.templates import ChatTemplate
+from sftune.data.masking import MaskMode, TruncationPolicy, build_example
+from sftune.data.templates import ChatTemplate, TemplateError
 from sftune.data.types import Conversation, Example, Rejection
+
+DOUBLE_BOS = "double_bos"
+TEMPLATE_ERROR = "template_error"
+
+
+@dataclass
+class BuiltExamples:
+    """What `build_examples` made of a list of conversations: each one is an example or a rejection."""
+
+    examples: list[Example]
+    rejections: list[Rejection]
+    conversations: list[Conversation]  # aligned with `examples`: the conversation each one was built from
+
+
+def build_examples(
+    conversations: list[Conversation],
+    tokenizer: Any,
+    template: ChatTemplate,
+    mask: MaskMode = "assistant",
+    max_length: int | None = None,
+    truncation: TruncationPolicy = "drop",
+    limit: int | None = None,
+) -> BuiltExamples:
+    """Render, tokenize and mask each conversation; stop once `limit` examples are built (None: all).
+
+    A row the template cannot render correctly (two BOS tokens, a template that rewrites earlier turns, a
+    template's own exception) becomes a Rejection with its source and the reason, never an exception that
+    stops the whole set.
+    """
+    built = BuiltExamples([], [], [])
+    for conversation in conversations:
+        if limit is not None and len(built.examples) >= limit:
+            break
+        try:
+            result = build_example(tokenizer, template, conversation, mask, max_length, truncation)
+        except TemplateError as error:
+            reason = DOUBLE_BOS if "two BOS" in str(error) else TEMPLATE_ERROR
+            built.rejections.append(Rejection(conversation.source, reason, str(error)))
+            continue
+        if isinstance(result, Rejection):
+            built.rejections.append(result)
+        else:
+            built.examples.append(result)
+            built.conversations.append(conversation)
+    return built
 
 
 @dataclass
@@ -42,14 +91,3 @@ class PreparedData:
             "tokens": sum(len(e.input_ids) for e in self.train),
             "rows_truncated": sum(e.truncated for e in self.train),
         }
-
-
-def build_examples(
-    conversations: list[Conversation], tokenizer: Any, template: ChatTemplate, data: DataConfig, mask: TemplateConfig
-) -> tuple[list[Example], list[Rejection]]:
-    examples: list[Example] = []
-    rejections: list[Rejection] = []
-    for conversation in conversations:
-        result = build_example(tokenizer, template, conversation, mask.mask, data.max_length, data.truncation)
-        (rejections if isinstance(result, Rejection) else examples).append(result)  # type: ignore[arg-type]
-    return examples, rejections

@@ -46,7 +46,7 @@ def supervised_text(example: Example, tokenizer: Any) -> list[str]:
     return [piece.text for piece in split_pieces(example, tokenizer) if piece.supervised]
 
 
-def render_ansi(example: Example, tokenizer: Any, ids: bool = False, boundaries: bool = False) -> str:
+def render_example_ansi(example: Example, tokenizer: Any, ids: bool = False, boundaries: bool = False) -> str:
     parts = [f"── {example.source or 'example'}: {len(example.input_ids)} tokens, {example.num_supervised} supervised"]
     body = []
     for piece in split_pieces(example, tokenizer, boundaries):
@@ -67,7 +67,7 @@ def _decorate(piece: Piece, ids: bool, boundaries: bool) -> str:
     return f"|{text}" if boundaries else text
 
 
-def render_html(examples: list[Example], tokenizer: Any, ids: bool = False, boundaries: bool = False) -> str:
+def render_examples_html(examples: list[Example], tokenizer: Any, ids: bool = False, boundaries: bool = False) -> str:
     """A self-contained page: supervised tokens on green, context greyed, one block per example."""
     blocks = []
     for example in examples:

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sftune.config import UserError
+
 __all__ = ["DataError", "SUPPORTED_EXTENSIONS", "read_rows"]
 
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
@@ -20,7 +22,7 @@ SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
 Row = dict[str, Any]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Data that cannot be used as given; the message names the file, line or field and how to fix it."""
 
 

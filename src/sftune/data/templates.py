@@ -7,6 +7,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from sftune.config import UserError
+
 BUILTIN_TEMPLATES = ("alpaca", "chatml", "llama3", "mistral")
 
 # Special tokens a built-in template needs in the vocabulary; added (and embeddings resized) when missing.
@@ -18,7 +20,7 @@ BUILTIN_SPECIAL_TOKENS: dict[str, list[str]] = {
 }
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """A template that cannot be used to train correctly; the message says why and how to fix it."""
 
 

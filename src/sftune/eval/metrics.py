@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
+
+from sftune.config import EXTRACTOR_NAMES, METRIC_NAMES
+from sftune.infer.types import Generation
 
 __all__ = [
     "EXTRACTORS",
     "METRICS",
-    "Generation",
     "check_extractor",
     "check_metrics",
     "extract_answer",
@@ -30,8 +31,8 @@ __all__ = [
     "score_generations",
 ]
 
-EXTRACTORS = ("full", "last_line", "after_hashes", "regex", "json")
-METRICS = ("exact_match", "json_valid", "json_fields", "rouge_l", "stop_rate", "mean_length")
+EXTRACTORS = EXTRACTOR_NAMES  # the config schema's lists: one set of names for the schema, the CLI and scoring
+METRICS = METRIC_NAMES
 
 # An integer, optionally grouped in thousands ("1,000,000"), optionally with a decimal part. The lookarounds
 # keep it off parts of identifiers and version strings ("v1.2.3", "x86").
@@ -40,16 +41,6 @@ _NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?(?!\w|\.\d)
 _FENCED_BLOCK = re.compile(r"```(?:json)?[ \t]*\n(.*?)\n[ \t]*```", re.DOTALL | re.IGNORECASE)
 _WORD = re.compile(r"\w+")
 _INVALID = object()  # parse failure; distinct from None, which is the valid JSON value `null`
-
-
-@dataclass(frozen=True)
-class Generation:
-    id: str
-    prompt: str  # the last user message, for the report
-    reference: str | None
-    output: str
-    finished: bool  # ended with an end-of-turn token before the max_new_tokens limit
-    num_tokens: int  # generated tokens (without the end-of-turn token)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftune.eval.metrics import Generation
 from sftune.infer.prompts import PromptRow
+from sftune.infer.types import Generation
 from sftune.training.metrics import MetricsLog, plot_loss_curve, plot_validation_curve
 
 # metric -> (label, how to show it)
@@ -56,7 +56,7 @@ def write_report(
     sections = build_sections(results, rows, evaluated, num_samples, training_samples)
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
     md_path.write_text(render_markdown(sections, images))
-    html_path.write_text(render_html(sections, images))
+    html_path.write_text(render_report_html(sections, images))
     return [md_path, html_path]
 
 
@@ -191,7 +191,7 @@ def markdown_table(table: Table) -> list[str]:
     return [*lines, ""]
 
 
-def render_html(tables: list[Table], images: list[Path]) -> str:
+def render_report_html(tables: list[Table], images: list[Path]) -> str:
     body = [html_table(tables[0])]
     if images:
         body.append("<h2>Training curves</h2>")

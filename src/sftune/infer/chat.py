@@ -5,21 +5,14 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import TextStreamer
 
-from sftune.infer.generate import (
-    Reply,
-    end_of_turn_ids,
-    load_for_inference,
-    prompt_ids,
-    reply_from_tokens,
-    sampling_arguments,
-    saved_template,
-)
+from sftune.config import GenerateConfig
+from sftune.infer.generate import prompt_ids, reply_from_tokens, sampling_arguments, stop_token_ids
+from sftune.infer.types import Reply
 
 Message = dict[str, Any]
 Read = Callable[[str], str]
@@ -29,13 +22,6 @@ EXIT_COMMANDS = frozenset({"/exit", "/quit"})
 RESET_COMMAND = "/reset"
 PROMPT = "you> "
 REPLY_PREFIX = "assistant> "
-
-
-@dataclass(frozen=True)
-class ChatSettings:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
 
 
 class WriteStreamer(TextStreamer):
@@ -56,12 +42,12 @@ def write_stdout(text: str) -> None:
 
 @torch.no_grad()
 def stream_reply(
-    model: Any, tokenizer: Any, messages: list[Message], settings: ChatSettings, write: Write = write_stdout
+    model: Any, tokenizer: Any, messages: list[Message], settings: GenerateConfig, write: Write = write_stdout
 ) -> Reply:
     """Generate the assistant's next turn, writing its text as it comes; stops at any end-of-turn id."""
     prompt = prompt_ids(tokenizer, messages)
     input_ids = torch.tensor([prompt], device=next(model.parameters()).device)  # [1, prompt]
-    stop_ids = end_of_turn_ids(model)
+    stop_ids = stop_token_ids(model)
     output = model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
@@ -80,7 +66,7 @@ def start_history(system: str | None) -> list[Message]:
 
 
 def take_turn(
-    model: Any, tokenizer: Any, history: list[Message], user_text: str, settings: ChatSettings, write: Write
+    model: Any, tokenizer: Any, history: list[Message], user_text: str, settings: GenerateConfig, write: Write
 ) -> list[Message]:
     """One exchange; returns the history with it, or unchanged when the user interrupted the reply."""
     messages = [*history, {"role": "user", "content": user_text}]
@@ -100,7 +86,7 @@ def chat_loop(
     model: Any,
     tokenizer: Any,
     system: str | None,
-    settings: ChatSettings,
+    settings: GenerateConfig,
     read: Read = input,
     write: Write = write_stdout,
 ) -> int:
@@ -125,12 +111,3 @@ def enable_line_editing() -> None:
     """input() gets arrow keys and recall of earlier lines once readline is imported (absent on some platforms)."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401
-
-
-def chat(model_path: str, system: str | None, settings: ChatSettings, device: str = "auto") -> int:
-    """`sftune chat`: load the model, check it has a saved template, then talk until the user quits."""
-    model, tokenizer = load_for_inference(model_path, device)
-    saved_template(tokenizer)  # fail before the first prompt, not after the user typed a question
-    write_stdout(f"sftune chat with {model_path}\n/reset clears the history, /exit or Ctrl-D quits\n")
-    enable_line_editing()
-    return chat_loop(model, tokenizer, system, settings)

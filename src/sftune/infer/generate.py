@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from sftune.config import GenerateConfig
 from sftune.data.masking import tokenize_rendered
 from sftune.data.templates import ChatTemplate, TemplateError, render
-from sftune.eval.metrics import Generation
 from sftune.infer.prompts import PromptRow, read_prompt_rows
+from sftune.infer.types import Generation, Reply
 from sftune.model.load import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
 from sftune.model.lora import is_adapter_folder, load_merged
 
@@ -51,13 +51,6 @@ def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
     return ids
 
 
-@dataclass(frozen=True)
-class Reply:
-    text: str
-    finished: bool  # ended with an end-of-turn token, not cut by max_new_tokens
-    num_tokens: int  # generated tokens, the end-of-turn token not counted
-
-
 def sampling_arguments(temperature: float, top_p: float) -> dict[str, Any]:
     """Greedy at temperature 0, else nucleus sampling."""
     if temperature > 0:
@@ -65,7 +58,7 @@ def sampling_arguments(temperature: float, top_p: float) -> dict[str, Any]:
     return {"do_sample": False}
 
 
-def end_of_turn_ids(model: Any) -> list[int]:
+def stop_token_ids(model: Any) -> list[int]:
     """The ids generation stops at: the saved generation_config's eos (sftune puts the end-of-turn token there)."""
     eos = model.generation_config.eos_token_id
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -90,7 +83,7 @@ def generate_replies(
     # Left padding: every prompt then ends where generation starts.
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    stop_ids = stop_ids or end_of_turn_ids(model)
+    stop_ids = stop_ids or stop_token_ids(model)
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -138,22 +131,16 @@ def generate_rows(
 
 
 def generate_file(
-    model: Any,
-    tokenizer: Any,
-    input_path: str,
-    output_path: str,
-    system_prompt: str | None = None,
-    batch_size: int = 16,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
+    model: Any, tokenizer: Any, input_path: str, output_path: str, settings: GenerateConfig
 ) -> dict[str, int]:
     """`sftune generate --input`: one output line per readable row, in order, with the row's id; rejected rows
     (no prompt to answer) are counted and reported on stderr, never dropped silently."""
-    rows, rejected = read_prompt_rows(input_path, system_prompt=system_prompt)
+    rows, rejected = read_prompt_rows(input_path, system_prompt=settings.system_prompt)
     for rejection in rejected:
         print(f"skipped {rejection.source}: {rejection.detail}", file=sys.stderr)
-    generations = generate_rows(model, tokenizer, rows, batch_size, max_new_tokens, temperature, top_p)
+    generations = generate_rows(
+        model, tokenizer, rows, settings.batch_size, settings.max_new_tokens, settings.temperature, settings.top_p
+    )
     with Path(output_path).open("w") as f:
         for row, g in zip(rows, generations, strict=True):
             record = {"id": row.id, "messages": row.messages, "output": g.output, "finished": g.finished}

@@ -28,6 +28,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from sftune.config import UserError
+
 __all__ = [
     "DEFAULT_MODELS",
     "DTYPES",
@@ -54,7 +56,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """A model, tokenizer, device or dtype that cannot be found or used; the message says why and how to fix it."""
 
 

@@ -18,7 +18,7 @@ import peft
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-from sftune.config import Config, LoraConfig
+from sftune.config import Config, LoraConfig, UserError
 from sftune.model.load import load_model, resolve_model_path
 from sftune.model.save import save_model_folder
 
@@ -28,7 +28,7 @@ NF4_BLOCK_SIZE = 64  # weights per 4-bit block, as in QLoRA
 NF4_MAX_SCALER_BLOCK_SIZE = 256  # block scales per double-quantization group, as in QLoRA
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError, ValueError):
     """An adapter folder or QLoRA base that cannot be used; the message says how to fix it."""
 
 
@@ -107,14 +107,14 @@ def dequantize_base(model: torch.nn.Module) -> None:
             module.weight = torch.nn.Parameter(dense, requires_grad=False)
 
 
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+def count_trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total); an NF4 weight counts as its original number of weights."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def describe_parameters(model: torch.nn.Module, method: str) -> str:
-    trainable, total = count_parameters(model)
+    trainable, total = count_trainable_parameters(model)
     line = f"model ({method}): {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
     memory = nf4_weight_memory(model)
     if memory["nf4_weights"]:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 
-def end_of_turn_ids(tokenizer: Any, seen_end_ids: set[int]) -> list[int]:
+def generation_eos_ids(tokenizer: Any, seen_end_ids: set[int]) -> list[int]:
     """EOS plus every end-of-turn token the training mask closed a turn with: generation must stop on each."""
     ids = set(seen_end_ids)
     if tokenizer.eos_token_id is not None:

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from sftune.config import Config
-from sftune.data.check import DataReport, check_data, load_model_config
+from sftune.data.check import DataReport
+from sftune.data.dataset import build_examples
 from sftune.data.formats import read_conversations
-from sftune.data.masking import build_example
-from sftune.data.types import Example
-from sftune.model.load import resolve_model_path
-from sftune.recipes.sft import setup_tokenizer, write_rejections
+from sftune.data.inspect import render_example_ansi, render_examples_html, render_legend_ansi
+from sftune.model.setup import setup_tokenizer
+from sftune.training.data import check_training_data, write_rejections
 
 
 def run_check(config: Config, rejects: str | Path | None = None, json_path: str | Path | None = None) -> DataReport:
     """Build the data report; optionally write every dropped row (JSONL) and the report (JSON)."""
     tokenizer, template = setup_tokenizer(config)
-    model_config = load_model_config(resolve_model_path(config.model.name_or_path))
-    report = check_data(config, tokenizer, template, model_config)
+    report = check_training_data(config, tokenizer, template)
     if rejects:
         write_rejections(Path(rejects), report.rejections)
     if json_path:
@@ -26,17 +24,21 @@ def run_check(config: Config, rejects: str | Path | None = None, json_path: str 
     return report
 
 
-def first_examples(config: Config, count: int) -> tuple[list[Example], Any]:
-    """The first `count` trainable examples of config.data.train, and the tokenizer that made them."""
+def inspect(
+    config: Config, count: int, ids: bool = False, boundaries: bool = False, html: str | Path | None = None
+) -> int:
+    """Print the first `count` trainable examples with their supervised tokens highlighted; optionally as HTML.
+    Returns how many were shown."""
     tokenizer, template = setup_tokenizer(config)
     conversations, _, _ = read_conversations(config.data.train, config.data)
-    examples: list[Example] = []
-    for conversation in conversations:
-        if len(examples) >= count:
-            break
-        result = build_example(
-            tokenizer, template, conversation, config.template.mask, config.data.max_length, config.data.truncation
-        )
-        if isinstance(result, Example):
-            examples.append(result)
-    return examples, tokenizer
+    data = config.data
+    built = build_examples(
+        conversations, tokenizer, template, config.template.mask, data.max_length, data.truncation, limit=count
+    )
+    print(render_legend_ansi())
+    for example in built.examples:
+        print(render_example_ansi(example, tokenizer, ids, boundaries))
+    if html:
+        Path(html).write_text(render_examples_html(built.examples, tokenizer, ids, boundaries))
+        print(f"wrote {html}")
+    return len(built.examples)

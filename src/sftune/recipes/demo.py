@@ -2,7 +2,8 @@
 
 Honest by construction: the held-out rows are never trained on, decoding is greedy, and the base and the
 tuned model answer the very same prompts rendered with the very same template. The evaluation is
-`sftune eval RUN --data heldout.jsonl --baseline BASE` (recipes/evaluate.py); its report lands in RUN/eval.
+`sftune eval RUN --data heldout.jsonl --baseline BASE`; its report lands in RUN/eval. The demo is a user of the
+public API (`sftune.train`, `sftune.evaluate`), like any script a user would write: it borrows from no recipe.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sftune.config import load_config
-from sftune.recipes.evaluate import evaluate
-from sftune.recipes.sft import train
+import sftune
+from sftune.config import Config, load_config
 
 SHOWN_METRICS = {
     "exact_match": "exact match",
@@ -25,18 +25,24 @@ SHOWN_METRICS = {
 }
 
 
-def run_demo(out_dir: str, overrides: list[str]) -> dict[str, Any]:
-    started = time.perf_counter()
+def demo_config(overrides: list[str] | None = None) -> Config:
+    """The shipped demo config (sftune/demo/demo.yaml), its data paths resolved inside the installed package."""
     config_path = Path(str(resources.files("sftune.demo").joinpath("demo.yaml")))
-    config = load_config(config_path, [f"output.dir={out_dir}", "output.overwrite=true", *overrides])
+    return load_config(config_path, overrides)
+
+
+def demo(out_dir: str, overrides: list[str]) -> dict[str, Any]:
+    """`sftune demo`: train on the shipped task, then evaluate base and tuned model on its held-out rows."""
+    started = time.perf_counter()
+    config = demo_config([f"output.dir={out_dir}", "output.overwrite=true", *overrides])
     heldout = config.data.validation or config.data.train
 
     # Training runs first: on CPU, generating beforehand leaves the allocator in a state that makes the
     # training steps about twice as slow. The order changes nothing in the scores.
     print(f"[1/2] fine-tuning {config.model.name_or_path} ({config.train.method}) on {config.data.train}")
-    result = train(config)
+    result = sftune.train(config)
     print(f"[2/2] evaluating the base and the fine-tuned model on the held-out rows of {heldout} (greedy)")
-    results = evaluate(
+    results = sftune.evaluate(
         str(result.run_dir),
         heldout,
         config.eval,

@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sftune.config import ConfigError, DataConfig, EvalConfig, TemplateConfig, load_config
+from sftune.config import ConfigError, EvalConfig, load_config, validate_section
 from sftune.data.dataset import build_examples
 from sftune.data.types import Conversation, Message
 from sftune.eval.metrics import check_extractor, score_generations
 from sftune.eval.report import ModelEval, write_report
 from sftune.infer.generate import generate_rows, load_for_inference, saved_template
 from sftune.infer.prompts import PromptRow, read_prompt_rows
-from sftune.training.loss import mean_token_loss
+from sftune.training.loss import TokenLoss, mean_token_loss
 from sftune.training.metrics import perplexity
 
 LOSS_MAX_LENGTH = 4096  # longer rows are truncated for the loss only; generation sees the whole prompt
@@ -63,23 +63,25 @@ def evaluate(
 
 
 def resolve_eval_settings(
-    model: str, config_path: str | None, overrides: list[str], out: str | None
+    model: str, config_path: str | None, overrides: list[str], out: str | None, flags: dict[str, Any] | None = None
 ) -> tuple[EvalConfig, Path, Path | None]:
-    """The eval section (from --config, else the run's own config.yaml, else defaults) with overrides applied;
-    the output folder; and the run folder when `model` is one (its curves go into the report)."""
+    """The eval section (from --config, else the run's own config.yaml, else defaults) with overrides, then flags,
+    applied; the output folder; and the run folder when `model` is one (its curves go into the report)."""
     run_dir = Path(model) if (Path(model) / "config.yaml").is_file() else None
     source = config_path or (run_dir / "config.yaml" if run_dir else None)
-    config = load_config(source if source else {"data": {"train": "unused"}}, overrides)
+    config = load_config(source if source else {"data": {"train": "unused"}}, overrides).eval
+    if flags:
+        config = validate_section(EvalConfig, {**config.model_dump(), **flags}, "sftune eval")
     if out is None and run_dir is None:
         raise ConfigError(f"'{model}' is not a run folder: pass --out DIR for the results and report")
-    return config.eval, Path(out) if out else Path(model) / "eval", run_dir
+    return config, Path(out) if out else Path(model) / "eval", run_dir
 
 
 def evaluate_one(
     label: str, path: str, rows: list[PromptRow], config: EvalConfig, progress: bool, fallback_template: str = ""
 ) -> ModelEval:
     print(f"evaluating {label}: {path} on {len(rows)} rows")
-    model, tokenizer = load_for_inference(path)
+    model, tokenizer = load_for_inference(path, config.device, config.dtype)
     template_source = "its own"
     if not getattr(tokenizer, "chat_template", None) and fallback_template:
         tokenizer.chat_template, template_source = fallback_template, "the tuned model's (it has none)"
@@ -108,14 +110,15 @@ def response_loss(model: Any, tokenizer: Any, rows: list[PromptRow]) -> float | 
     conversations = [as_conversation(row) for row in rows if row.reference is not None]
     if not conversations:
         return None
-    data_config = DataConfig(train="eval", max_length=LOSS_MAX_LENGTH, truncation="truncate")
-    template_config = TemplateConfig(name="saved", mask="last_assistant")
-    examples, _ = build_examples(conversations, tokenizer, saved_template(tokenizer), data_config, template_config)
-    if not examples:
+    built = build_examples(
+        conversations, tokenizer, saved_template(tokenizer), "last_assistant", LOSS_MAX_LENGTH, "truncate"
+    )
+    if not built.examples:
         return None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    return mean_token_loss(model, examples, 8, pad_id, device, contextlib.nullcontext())
+    loss = TokenLoss.for_model(model)
+    return mean_token_loss(loss, built.examples, 8, pad_id, device, contextlib.nullcontext())
 
 
 def as_conversation(row: PromptRow) -> Conversation:

@@ -1,63 +1,134 @@
-"""Cross-entropy on supervised tokens, summed: the caller divides by the tokens of the whole accumulation window."""
+"""Cross-entropy on supervised tokens, summed: the caller divides by the tokens of the whole accumulation window.
+
+A causal LM is a body (the decoder, giving hidden states) and a head (the vocabulary projection). The loss runs
+the head on supervised positions only: prompt tokens never need vocabulary logits, and the head is a large
+share of a small model's compute and the largest activation of all. `TokenLoss` resolves that split once per
+model and proves it on a short input; a model whose logits need more than head(body(x)) either has a named
+fallback (soft-capped or scaled logits: the full forward, said in the run log) or is refused loudly.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from sftune.config import UserError
 from sftune.data.batching import Batch, collate
 from sftune.data.types import IGNORE_INDEX, Example
 
+# Config attributes that change logits after the head: the split would compute the wrong logits for them.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+SPLIT_CHECK_TOLERANCE = 1e-3  # relative, on logits of a short fp32 input
 
-def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
-    """The transformer body and LM head of a plain *ForCausalLM, or None when logits need model-specific work."""
-    if hasattr(model, "get_base_model"):  # a PEFT model: its LoRA layers live inside the wrapped *ForCausalLM
-        model = model.get_base_model()
+
+class LossSplitError(UserError, ValueError):
+    """The model's logits are not head(body(hidden)): the selected-positions loss would be wrong for it."""
+
+
+@dataclass(frozen=True)
+class TokenLoss:
+    """Sum of token cross-entropies over a batch's supervised positions. Labels shift here, and only here.
+
+    `body`/`head` are the split this model is run with; both None means the full forward (the named fallback).
+    """
+
+    model: Any
+    body: Any  # None: the full forward
+    head: Any
+    path: str  # how logits are computed, for the run log
+
+    @classmethod
+    def for_model(cls, model: Any, verify: bool = True) -> TokenLoss:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the *ForCausalLM
+        transform = logit_transform(inner)
+        if transform:
+            return cls(
+                model, None, None, f"full logits on every position ({transform}: the head alone is not the logits)"
+            )
+        body, head = split_body_and_head(inner)
+        loss = cls(model, body, head, "LM head on supervised positions only (body/head split)")
+        if verify:
+            verify_split(inner, body, head)
+        return loss
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        targets = batch.labels[:, 1:]  # [batch, seq-1]
+        keep = targets != IGNORE_INDEX
+        if self.body is None:
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+            selected = logits[:, :-1][keep]  # [supervised, vocab]
+        else:
+            hidden = self.body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)[0]
+            selected = self.head(hidden[:, :-1][keep])  # [supervised, vocab]
+        return F.cross_entropy(selected.float(), targets[keep], reduction="sum")
+
+
+def logit_transform(model: Any) -> str:
+    """The config setting that transforms logits after the head ('' when none): those models need the full forward."""
     config = getattr(model, "config", None)
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        return None
+    for name in LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value not in (None, 0, 1, 1.0, False):
+            return f"{name}={value}"
+    return ""
+
+
+def split_body_and_head(model: Any) -> tuple[Any, Any]:
+    """The decoder (`model.<base_model_prefix>`) and the output layer of a *ForCausalLM; a clear error otherwise."""
     prefix = getattr(model, "base_model_prefix", None)
     body = getattr(model, prefix, None) if prefix else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if body is None or head is None or body is model:
-        return None
+        raise LossSplitError(
+            f"{type(model).__name__} does not split into a decoder body (base_model_prefix={prefix!r}) and an output "
+            "layer (get_output_embeddings), which the token loss needs to run the LM head on supervised positions "
+            "only. Use a transformers *ForCausalLM model"
+        )
     return body, head
 
 
-def token_loss_sum(model: Any, batch: Batch) -> torch.Tensor:
-    """Sum of token cross-entropies over supervised positions. Labels shift here, and only here.
+@torch.no_grad()
+def verify_split(model: Any, body: Any, head: Any, length: int = 8) -> None:
+    """head(body(x)) must equal the model's own logits on a short input, or the loss would train the wrong thing."""
+    was_training = model.training
+    model.eval()
+    vocab = head.weight.shape[0]
+    device = head.weight.device
+    input_ids = (torch.arange(length, device=device) * 7 + 3).remainder(vocab).unsqueeze(0)  # [1, length]
+    mask = torch.ones_like(input_ids)
+    expected = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
+    got = head(body(input_ids=input_ids, attention_mask=mask, use_cache=False)[0]).float()
+    model.train(was_training)
+    error = float((got - expected).abs().max()) / max(1e-6, float(expected.abs().max()))
+    if error > SPLIT_CHECK_TOLERANCE:
+        raise LossSplitError(
+            f"{type(model).__name__}: head(body(x)) differs from the model's logits (relative error {error:.2e}); it "
+            "transforms logits in a way the config does not name. The selected-positions loss would be wrong: "
+            "report the model type so its transform can be named in training/loss.py LOGIT_TRANSFORMS"
+        )
 
-    The LM head runs on supervised positions only: prompt tokens never need vocabulary logits, and the
-    head is a large share of a small model's compute.
-    """
-    targets = batch.labels[:, 1:]  # [batch, seq-1]
-    keep = targets != IGNORE_INDEX
-    parts = _decoder_and_head(model)
-    if parts is None:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        selected = logits[:, :-1][keep]  # [supervised, vocab]
-    else:
-        body, head = parts
-        hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)[0]
-        selected = head(hidden[:, :-1][keep])  # [supervised, vocab]
-    return F.cross_entropy(selected.float(), targets[keep], reduction="sum")
+
+def token_loss_sum(model: Any, batch: Batch) -> torch.Tensor:
+    """One batch's summed token loss, resolving the split on the spot (tests, one-off use; loops keep a TokenLoss)."""
+    return TokenLoss.for_model(model, verify=False)(batch)
 
 
 @torch.no_grad()
 def mean_token_loss(
-    model: Any, examples: list[Example], micro_batch_size: int, pad_id: int, device: torch.device, autocast: Any
+    loss: TokenLoss, examples: list[Example], micro_batch_size: int, pad_id: int, device: torch.device, autocast: Any
 ) -> float:
     """Cross-entropy per supervised token over all `examples` (validation loss): token-weighted, not a mean of
     batch means. Leaves the model in the mode it was in."""
-    was_training = model.training
-    model.eval()
+    was_training = loss.model.training
+    loss.model.eval()
     total, tokens = 0.0, 0
     for start in range(0, len(examples), micro_batch_size):
         batch = collate(examples[start : start + micro_batch_size], pad_id).to(device)
         with autocast:
-            total += token_loss_sum(model, batch).item()
+            total += loss(batch).item()
         tokens += batch.num_supervised
-    model.train(was_training)
+    loss.model.train(was_training)
     return total / max(1, tokens)

@@ -52,6 +52,13 @@ def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
 
 
+def log_step(log: MetricsLog, bar: Any, step: int, epoch: int, tokens_seen: int, values: dict[str, float]) -> None:
+    """One metrics.jsonl line for an optimizer step (loss, lr, grad_norm, tokens_per_s, ...) and the bar's postfix."""
+    log.write({"step": step, "epoch": epoch, **values, "tokens_seen": tokens_seen})
+    shown = {"loss": "{:.4f}", "lr": "{:.2e}", "tokens_per_s": "{:.0f}"}
+    bar.set_postfix({key: fmt.format(values[key]) for key, fmt in shown.items() if key in values})
+
+
 def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 50 else float("inf")
 

@@ -1,0 +1,151 @@
+"""Pre-flight memory estimate for full, LoRA and QLoRA fine-tuning, from the model config alone.
+
+Model knowledge lives here: the projections of a Llama/Qwen-style decoder block and their shapes, which of
+them `lora.target_modules` adapts (PEFT's rule: a module matches when its name ends with a listed name), what
+the optimizer keeps per trainable weight, and what backward keeps per token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sftune.config import Config
+
+# Python + torch + transformers + peft after import, before any model (CPU, measured by bench/methods.py).
+RUNTIME_BYTES = int(0.35 * 1024**3)
+GIB = 1024**3
+
+
+def block_linears(model_config: Any) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each linear in one decoder block, by module name."""
+    hidden, inter = model_config.hidden_size, model_config.intermediate_size
+    heads = model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or hidden // heads
+    kv_dim = (getattr(model_config, "num_key_value_heads", None) or heads) * head_dim
+    return {
+        "q_proj": (hidden, heads * head_dim),
+        "k_proj": (hidden, kv_dim),
+        "v_proj": (hidden, kv_dim),
+        "o_proj": (heads * head_dim, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
+
+
+def lora_targets(model_config: Any, target_modules: list[str] | str) -> tuple[list[str], list[str]]:
+    """(block linears that get adapters, listed names that match none of them). all-linear = every block linear."""
+    names = list(block_linears(model_config))
+    if target_modules == "all-linear":
+        return names, []
+    wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    matched = [name for name in names if any(_matches(t, name) for t in wanted)]
+    unknown = [t for t in wanted if not any(_matches(t, name) for name in names)]
+    return matched, unknown
+
+
+def _matches(target: str, name: str) -> bool:
+    """A listed target names this block linear: 'q_proj', or a longer path ending in it ('self_attn.q_proj')."""
+    return target == name or target.endswith(f".{name}")
+
+
+def count_model_parameters(model_config: Any) -> dict[str, int]:
+    """Parameters of a Llama/Qwen-style decoder from its config: embeddings, attention, gated MLP, norms."""
+    layers, hidden, vocab = model_config.num_hidden_layers, model_config.hidden_size, model_config.vocab_size
+    linear = layers * sum(i * o for i, o in block_linears(model_config).values())
+    embeddings = vocab * hidden * (1 if getattr(model_config, "tie_word_embeddings", False) else 2)
+    norms = layers * 2 * hidden + hidden
+    return {"total": embeddings + linear + norms, "linear": linear, "embeddings": embeddings, "norms": norms}
+
+
+def count_lora_parameters(model_config: Any, rank: int, target_modules: list[str] | str = "all-linear") -> int:
+    """Adapter parameters: r x (in + out) for each targeted linear of every block."""
+    shapes = block_linears(model_config)
+    targets, _ = lora_targets(model_config, target_modules)
+    return int(model_config.num_hidden_layers * rank * sum(sum(shapes[name]) for name in targets))
+
+
+def estimate_activation_bytes(
+    model_config: Any, tokens: int, gradient_checkpointing: bool, sequence_length: int
+) -> int:
+    """fp32 tensors kept for backward, per token: ~(10 hidden + 4 intermediate) per layer, the attention scores
+    and probabilities (heads x sequence length, eager/math attention on CPU), plus logits and their gradient."""
+    hidden, inter, layers = model_config.hidden_size, model_config.intermediate_size, model_config.num_hidden_layers
+    per_layer = (10 * hidden + 4 * inter + 2 * model_config.num_attention_heads * sequence_length) * 4
+    kept_layers = 1 if gradient_checkpointing else layers
+    checkpoints = layers * hidden * 4 if gradient_checkpointing else 0
+    logits = 2 * model_config.vocab_size * 4
+    return int(tokens * (kept_layers * per_layer + checkpoints + logits))
+
+
+def estimate_dropout_bytes(model_config: Any, tokens: int, config: Config) -> int:
+    """LoRA dropout keeps its own copy of each adapted linear's input, and its mask: in_features values per
+    targeted linear, layer and token, 4 bytes each plus a 1-byte mask."""
+    if not config.lora.dropout:
+        return 0
+    shapes = block_linears(model_config)
+    targets, _ = lora_targets(model_config, config.lora.target_modules)
+    layers = 1 if config.train.gradient_checkpointing else model_config.num_hidden_layers
+    return int(tokens * layers * sum(shapes[name][0] for name in targets) * 5)
+
+
+def estimate_memory(
+    model_config: Any, config: Config, micro_batch_tokens: int, sequence_length: int | None = None
+) -> dict[str, Any]:
+    """Pre-flight peak memory (GiB) for full, LoRA and QLoRA fine-tuning.
+
+    Peak = runtime + the larger of loading (on CPU the checkpoint's mapped pages and the materialised weights
+    are resident together) and training: weights, AdamW state, the larger of the activations of the longest
+    micro-batch and the gradients (gradients are freed between steps and fill in as backward frees the
+    activations), and for LoRA/QLoRA the adapters of the targeted modules and their dropout copies. QLoRA
+    loads the base in full precision first.
+    """
+    length = sequence_length or micro_batch_tokens // config.train.micro_batch_size
+    params = count_model_parameters(model_config)
+    targets, unknown = lora_targets(model_config, config.lora.target_modules)
+    adapter = count_lora_parameters(model_config, config.lora.r, config.lora.target_modules)
+    gc_on = config.train.gradient_checkpointing
+    activations = estimate_activation_bytes(model_config, micro_batch_tokens, gc_on, length)
+    adapter_activations = activations + estimate_dropout_bytes(model_config, micro_batch_tokens, config)
+    base_bytes = 4 if config.model.dtype in ("fp32", "auto") else 2
+    loading = params["total"] * (checkpoint_bytes_per_parameter(model_config) + base_bytes)
+    adapter_state = adapter * 16  # fp32 weights + grads + 2 AdamW states
+    nf4 = params["linear"] * (0.5 + 1 / 64 + 4 / (64 * 256))  # 4-bit + double-quantized blockwise scales
+    training = {
+        # fp32 weights + 2 AdamW states, then activations (forward) or gradients (end of backward), whichever is larger
+        "full": params["total"] * 12 + max(activations, params["total"] * 4),
+        "lora": params["total"] * base_bytes + adapter_state + adapter_activations,
+        "qlora": nf4 + (params["embeddings"] + params["norms"]) * base_bytes + adapter_state + adapter_activations,
+    }
+    return {
+        "parameters": params["total"],
+        "lora_rank": config.lora.r,
+        "lora_target_modules": targets,
+        **({"lora_targets_not_counted": unknown} if unknown else {}),
+        "lora_parameters": adapter,
+        "micro_batch_tokens": micro_batch_tokens,
+        "runtime_gib": round(RUNTIME_BYTES / GIB, 3),
+        "loading_gib": round(loading / GIB, 3),
+        "activations_gib": round(activations / GIB, 3),
+        **{f"{method}_gib": round((RUNTIME_BYTES + max(loading, t)) / GIB, 3) for method, t in training.items()},
+        "assumptions": "peak = runtime + max(loading, training); full: fp32 weights + 2 AdamW states + "
+        "activations; LoRA: frozen base at model.dtype (auto=fp32) + adapter state of the targeted modules + "
+        "activations + dropout copies; QLoRA: NF4 block linears, other weights at model.dtype, loaded in full "
+        "precision first",
+    }
+
+
+def checkpoint_bytes_per_parameter(model_config: Any) -> int:
+    """Bytes per weight in the checkpoint file (its config's dtype; bf16 when it does not say)."""
+    dtype = str(getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None) or "bfloat16")
+    return 4 if "float32" in dtype else 2
+
+
+def load_model_config(path: str) -> Any | None:
+    """The model's config.json as a transformers config, or None where it cannot be read (e.g. a .gguf file)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return None

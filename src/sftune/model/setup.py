@@ -1,0 +1,44 @@
+"""A run's tokenizer (with its chat template installed) and its model, prepared for the configured method."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sftune.config import Config
+from sftune.data.templates import ChatTemplate, install_template, resolve_template
+from sftune.model.load import load_model, load_tokenizer, resolve_model_path
+from sftune.model.lora import prepare_model
+
+
+def setup_tokenizer(config: Config) -> tuple[Any, ChatTemplate]:
+    """The model's tokenizer with the run's chat template set on it (so it is saved with the model)."""
+    model_path = resolve_model_path(config.model.name_or_path)
+    tokenizer = load_tokenizer(model_path, config.model.trust_remote_code, config.model.revision)
+    template = resolve_template(config.template.name, tokenizer)
+    install_template(template, tokenizer)
+    if tokenizer.pad_token_id is None:
+        # Safe even though pad == eos then: padding is masked by position, never by token id.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, template
+
+
+def setup_model(config: Config, tokenizer: Any, device: torch.device, precision: str) -> Any:
+    """Load the model, grow its embeddings for tokens the template added, and prepare it for full/LoRA/QLoRA."""
+    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    model: Any = load_model(
+        resolve_model_path(config.model.name_or_path),
+        dtype,
+        device,
+        config.model.trust_remote_code,
+        config.model.revision,
+    )
+    base_vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > base_vocab:
+        model.resize_token_embeddings(len(tokenizer))  # the template added special tokens
+    if config.train.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    # full / lora / qlora: which parameters train, whether the base is 4-bit; added tokens' rows always train
+    return prepare_model(model, config, added_token_ids=list(range(base_vocab, len(tokenizer))))

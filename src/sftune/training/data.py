@@ -1,0 +1,147 @@
+"""A run's data: read the rows once, build the examples once, prove them, and write what was kept and dropped.
+
+`setup_data` is what a training recipe calls; `check_training_data` is the same check without a run
+(`sftune data check`). Both build examples through `data.dataset.build_examples` and report with
+`data.check.build_report`, so the report describes the very examples that are trained.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sftune.config import Config
+from sftune.data.batching import longest_micro_batch
+from sftune.data.check import MASK_CHECKS, DataReport, build_report, check_data
+from sftune.data.dataset import BuiltExamples, PreparedData, build_examples
+from sftune.data.formats import read_conversations, split_validation
+from sftune.data.templates import ChatTemplate
+from sftune.data.types import Conversation, Example, Rejection
+from sftune.model.load import resolve_model_path
+from sftune.model.memory import estimate_memory, load_model_config
+from sftune.training.run import RunError
+
+
+def setup_data(config: Config, tokenizer: Any, template: ChatTemplate, run_dir: Path) -> PreparedData:
+    """Read and build the training rows once: the data report checks the very examples that are then trained."""
+    data_cfg = config.data
+    conversations, rejections, formats = read_conversations(data_cfg.train, data_cfg)
+    val_rejections: list[Rejection] = []
+    if data_cfg.validation:
+        validation_rows, val_rejections, _ = read_conversations(data_cfg.validation, data_cfg)
+    else:
+        conversations, validation_rows = split_validation(
+            conversations, data_cfg.validation_fraction, config.train.seed
+        )
+    report = check_training_data(config, tokenizer, template, conversations, rejections, formats)
+    write_data_report(report, run_dir)
+    stop_on_failed_checks(report, config)
+    validation = examples_for(validation_rows, tokenizer, template, config)
+    rows_in = report.rows_in + len(validation_rows) + len(val_rejections)
+    # report.rejections = the train file's rows dropped on reading + the train rows its build dropped: each once.
+    rejected = report.rejections + val_rejections + validation.rejections
+    data = PreparedData(report.examples, validation.examples, rejected, rows_in, formats)
+    data.validation_prompts = prompts_for_samples(validation_rows, config.eval.sample_prompts)
+    write_rejections(run_dir / "rejected.jsonl", data.rejections)
+    report_data(data, run_dir)
+    check_trainable(data, data_cfg.max_length, allow_missing_end_token=data_cfg.proceed_on_failed_checks)
+    return data
+
+
+def examples_for(
+    conversations: list[Conversation], tokenizer: Any, template: ChatTemplate, config: Config
+) -> BuiltExamples:
+    """`build_examples` with the run's mask and length settings."""
+    data = config.data
+    return build_examples(conversations, tokenizer, template, config.template.mask, data.max_length, data.truncation)
+
+
+def check_training_data(
+    config: Config,
+    tokenizer: Any,
+    template: ChatTemplate,
+    conversations: list[Conversation] | None = None,
+    rejections: list[Rejection] | None = None,
+    formats: dict[str, int] | None = None,
+) -> DataReport:
+    """Build and check the training rows (read from config.data.train unless given), with the memory estimate
+    for the configured model on their longest micro-batch."""
+    if conversations is None:
+        report = check_data(config, tokenizer, template)
+    else:
+        built = examples_for(conversations, tokenizer, template, config)
+        report = build_report(built, rejections or [], formats or {}, config, tokenizer, template)
+    report.memory = estimate_run_memory(config, [len(e.input_ids) for e in report.examples])
+    return report
+
+
+def estimate_run_memory(config: Config, lengths: list[int]) -> dict[str, Any] | None:
+    """The memory estimate for the configured model and method on the longest micro-batch of these examples;
+    None where the model's config cannot be read."""
+    model_config = load_model_config(resolve_model_path(config.model.name_or_path))
+    if model_config is None:
+        return None
+    return estimate_memory(model_config, config, *longest_micro_batch(lengths, config.train.micro_batch_size))
+
+
+def write_data_report(report: DataReport, run_dir: Path) -> None:
+    (run_dir / "data_report.json").write_text(report.to_json())
+    (run_dir / "data_report.txt").write_text(report.to_text() + "\n")
+    print(report.to_text())
+
+
+def stop_on_failed_checks(report: DataReport, config: Config) -> None:
+    """A failed mask check stops the run unless data.proceed_on_failed_checks allows it."""
+    failed = report.failed_checks(MASK_CHECKS)
+    if failed and not config.data.proceed_on_failed_checks:
+        names = ", ".join(f"{c.name} ({c.failures} of {c.checked}, first: {c.first_source})" for c in failed)
+        raise RunError(
+            f"the loss mask fails checks: {names}. Training on it would teach the wrong tokens (see data_report.txt "
+            "in the run folder, and `sftune data inspect` to look at examples): fix the template or data, or set "
+            "data.proceed_on_failed_checks=true to train anyway"
+        )
+
+
+def write_rejections(path: Path, rejections: list[Rejection]) -> None:
+    with path.open("w") as f:
+        for r in rejections:
+            f.write(json.dumps({"source": r.source, "reason": r.reason, "detail": r.detail, "row": r.row}, default=str))
+            f.write("\n")
+
+
+def report_data(data: PreparedData, run_dir: Path) -> None:
+    counts = data.counts()
+    (run_dir / "data_summary.json").write_text(json.dumps(counts, indent=2))
+    rejected = ", ".join(f"{k}: {v}" for k, v in counts["rejected_by_reason"].items()) or "none"
+    print(
+        f"data: {counts['rows_in']} rows in = {counts['rows_trained']} train + {counts['rows_validation']} "
+        f"validation + {counts['rows_rejected']} rejected ({rejected}); "
+        f"{counts['supervised_tokens']} of {counts['tokens']} train tokens supervised"
+    )
+
+
+def check_trainable(data: PreparedData, max_length: int, allow_missing_end_token: bool = False) -> None:
+    if not data.train:
+        reasons = data.rejected_by_reason()
+        raise RunError(
+            f"no training examples left: {reasons}. See rejected.jsonl in the run folder; for 'too_long' raise "
+            f"data.max_length (now {max_length}) or set data.truncation=truncate"
+        )
+    missing_end: list[Example] = [e for e in data.train if e.turns_without_end_token]
+    if missing_end and not allow_missing_end_token:
+        raise RunError(
+            f"{len(missing_end)} examples (first: {missing_end[0].source}) have assistant turns that the template "
+            "closes with no end-of-turn token: the model would never learn to stop. Use a template that ends "
+            "assistant turns with an EOS / end-of-turn special token (e.g. template.name=chatml)"
+        )
+
+
+def prompts_for_samples(conversations: list[Conversation], count: int) -> list[list[dict[str, Any]]]:
+    """The first `count` validation conversations up to their last assistant turn: fixed prompts to watch."""
+    prompts = []
+    for conversation in conversations[:count]:
+        last = max((i for i, m in enumerate(conversation.messages) if m.role == "assistant"), default=None)
+        if last:
+            prompts.append([m.as_dict() for m in conversation.messages[:last]])
+    return prompts

@@ -1,0 +1,53 @@
+"""Evaluation during training: validation loss and perplexity, and greedy replies to fixed validation prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sftune.data.types import Example
+from sftune.infer.generate import generate_replies
+from sftune.training.checkpoint import TrainerState
+from sftune.training.loss import TokenLoss, mean_token_loss
+from sftune.training.metrics import MetricsLog, perplexity
+
+
+def evaluate_and_log(
+    loss: TokenLoss,
+    examples: list[Example],
+    micro_batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    autocast: Any,
+    log: MetricsLog,
+    state: TrainerState,
+) -> float:
+    """Validation loss per supervised token, computed exactly as the training loss; logged with its perplexity."""
+    val_loss = mean_token_loss(loss, examples, micro_batch_size, pad_id, device, autocast)
+    log.write({"step": state.global_step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
+    print(f"step {state.global_step}: validation loss {val_loss:.4f}, perplexity {perplexity(val_loss):.2f}")
+    return val_loss
+
+
+def log_samples(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[dict[str, Any]]],
+    stop_ids: list[int],
+    max_new_tokens: int,
+    state: TrainerState,
+    run_dir: Path,
+) -> None:
+    """Greedy replies to the fixed validation prompts (eval.sample_prompts), appended to samples.jsonl."""
+    if not prompts:
+        return
+    was_training = model.training
+    model.eval()
+    replies = generate_replies(model, tokenizer, prompts, max_new_tokens, stop_ids=stop_ids)
+    model.train(was_training)
+    log = MetricsLog(run_dir / "samples.jsonl")
+    for index, (prompt, reply) in enumerate(zip(prompts, replies, strict=True)):
+        record = {"step": state.global_step, "index": index, "prompt": prompt[-1]["content"], "output": reply.text}
+        log.write({**record, "finished": reply.finished})

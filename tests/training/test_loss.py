@@ -1,0 +1,76 @@
+"""The loss's body/head split: used where it is exact, a named fallback for soft-capped logits, loud otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from sftune.data.batching import collate
+from sftune.data.types import IGNORE_INDEX
+from sftune.training.loss import LossSplitError, TokenLoss
+from tests.training.test_step import make_examples
+
+TINY = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}
+
+
+def reference_loss(model, batch) -> torch.Tensor:
+    """Plain shifted cross-entropy over the model's own full logits."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)),
+        batch.labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def test_plain_causal_lm_uses_the_split_and_matches_full_logits():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY, **HEADS)).eval()
+    loss = TokenLoss.for_model(model)
+    assert loss.body is model.model and loss.head is model.lm_head and "supervised positions only" in loss.path
+    batch = collate(make_examples(TINY["vocab_size"], count=3), pad_token_id=0)
+    with torch.no_grad():
+        torch.testing.assert_close(loss(batch), reference_loss(model, batch), atol=1e-4, rtol=1e-5)
+
+
+def test_soft_capped_logits_fall_back_to_the_full_forward_and_say_so():
+    torch.manual_seed(0)
+    config = Gemma2Config(**TINY, **HEADS, final_logit_softcapping=0.05, attn_implementation="eager")
+    model = Gemma2ForCausalLM(config).eval()
+    loss = TokenLoss.for_model(model)
+    assert loss.body is None and "final_logit_softcapping=0.05" in loss.path
+    batch = collate(make_examples(TINY["vocab_size"], count=3), pad_token_id=0)
+    with torch.no_grad():
+        torch.testing.assert_close(loss(batch), reference_loss(model, batch), atol=1e-4, rtol=1e-5)
+        # The split would be wrong for this model: head(body(x)) is not its logits.
+        split = model.lm_head(model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0])
+        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        assert (split - full).abs().max() > 1e-2
+
+
+class ScaledLogitsLlama(LlamaForCausalLM):
+    """A model that transforms its logits without a config attribute that says so."""
+
+    def forward(self, *args, **kwargs):
+        output = super().forward(*args, **kwargs)
+        output.logits = output.logits * 3.0
+        return output
+
+
+def test_a_model_whose_logits_are_not_head_of_body_is_refused():
+    model = ScaledLogitsLlama(LlamaConfig(**TINY, **HEADS))
+    with pytest.raises(LossSplitError, match="differs from the model's logits"):
+        TokenLoss.for_model(model)
+
+
+def test_a_model_without_body_and_head_is_refused():
+    class Bare(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return None
+
+    with pytest.raises(LossSplitError, match="does not split into a decoder body"):
+        TokenLoss.for_model(Bare())
