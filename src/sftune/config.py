@@ -89,6 +89,11 @@ class TemplateConfig(_Section):
         "assistant",
         description="Supervised tokens: every assistant turn + its end token, only the last one, or all tokens.",
     )
+    history_rewrite: Literal["expand", "last_assistant", "reject"] = Field(
+        "expand",
+        description="Rows whose template rewrites earlier turns (e.g. drops <think> blocks): one example per "
+        "assistant turn rendered as inference renders it (expand), only the last turn, or reject the row.",
+    )
 
 
 class LoraConfig(_Section):

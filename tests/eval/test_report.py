@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sftune.data.types import Prompt
 from sftune.eval.report import ModelEval, write_report
 from sftune.infer.prompts import PromptRow
 from sftune.infer.types import Generation
@@ -26,8 +27,8 @@ def make_report(tmp_path: Path) -> tuple[Path, Path]:
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (run / "samples.jsonl").write_text(json.dumps({"step": 5, "index": 0, "prompt": "2+2?", "output": "4"}) + "\n")
     rows = [
-        PromptRow("r1", [{"role": "user", "content": "2+2?"}], "4"),
-        PromptRow("r2", [{"role": "user", "content": "a|b <b>x</b>"}], "y"),
+        PromptRow("r1", Prompt([{"role": "user", "content": "2+2?"}]), "4"),
+        PromptRow("r2", Prompt([{"role": "user", "content": "a|b <b>x</b>"}]), "y"),
     ]
     baseline = ModelEval(
         "baseline", "base", {"exact_match": 0.0, "stop_rate": 0.5, "loss": 2.0, "perplexity": 7.39},

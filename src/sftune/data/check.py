@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 from sftune.data.batching import padding_waste
 from sftune.data.dataset import DOUBLE_BOS, TEMPLATE_ERROR, BuiltExamples, build_examples
 from sftune.data.formats import read_conversations
-from sftune.data.masking import has_double_bos, special_token_ids, tokenize_rendered
-from sftune.data.templates import ChatTemplate, TemplateError, render
+from sftune.data.masking import HistoryRewrite, MaskMode, TruncationPolicy, has_double_bos, special_token_ids
+from sftune.data.prompt import prompt_for, prompt_ids
+from sftune.data.templates import ChatTemplate, TemplateError
 from sftune.data.types import IGNORE_INDEX, Conversation, Example, Rejection
 
 if TYPE_CHECKING:
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 MASKING_METHOD = "incremental prefix rendering"
 # Checks that prove the loss mask is right; training refuses to start when one fails.
 MASK_CHECKS = ("end_token_supervised", "single_bos", "inference_parity")
+# Checks that warn: what they find trains consistently, but a person should know it.
+WARNING_CHECKS = ("role_header_not_supervised",)
 
 
 @dataclass
@@ -41,6 +44,7 @@ class CheckResult:
     checked: int = 0
     first_source: str = ""
     detail: str = ""
+    warning: bool = False  # a failure is worth knowing, not a reason to stop
 
 
 @dataclass
@@ -59,6 +63,8 @@ class DataReport:
     batching: dict[str, Any]
     memory: dict[str, Any] | None
     tokens_to_train: dict[str, float]
+    history_rewrite: dict[str, Any] = field(default_factory=dict)  # rows expanded per turn, their cost, causes
+    validation: dict[str, Any] | None = None  # the validation rows: counts and failed checks, before training
     rejections: list[Rejection] = field(default_factory=list, repr=False)
     examples: list[Example] = field(default_factory=list, repr=False)  # the rows_kept examples, as built
 
@@ -67,7 +73,8 @@ class DataReport:
         return self.supervised_tokens / self.tokens if self.tokens else 0.0
 
     def failed_checks(self, names: tuple[str, ...] | None = None) -> list[CheckResult]:
-        return [c for c in self.checks if not c.passed and (names is None or c.name in names)]
+        """Failed checks (of `names`, or all); warnings are not failures."""
+        return [c for c in self.checks if not c.passed and not c.warning and (names is None or c.name in names)]
 
     def to_dict(self) -> dict[str, Any]:
         # Per-row detail stays out of the JSON (rejected.jsonl lists the rejections); emptied first, not deep-copied.
@@ -88,10 +95,39 @@ class DataReport:
 
 def check_data(config: Config, tokenizer: Any, template: ChatTemplate) -> DataReport:
     """Read config.data.train as training would, build every example with `build_examples`, report on all of it."""
-    data = config.data
-    conversations, rejections, formats = read_conversations(data.train, data)
-    built = build_examples(conversations, tokenizer, template, config.template.mask, data.max_length, data.truncation)
+    conversations, rejections, formats = read_conversations(config.data.train, config.data)
+    built = build_configured(conversations, tokenizer, template, config)
     return build_report(built, rejections, formats, config, tokenizer, template)
+
+
+def build_configured(
+    conversations: list[Conversation], tokenizer: Any, template: ChatTemplate, config: Config
+) -> BuiltExamples:
+    """`build_examples` with the config's mask, length and history settings."""
+    data, mask = config.data, config.template
+    return build_examples(
+        conversations,
+        tokenizer,
+        template,
+        mask.mask,
+        data.max_length,
+        data.truncation,
+        history_rewrite=mask.history_rewrite,
+    )
+
+
+def summarize_validation(
+    built: BuiltExamples, rejections: list[Rejection], checks: list[CheckResult]
+) -> dict[str, Any]:
+    """Counts and failed checks of the validation rows, for the report (they are checked before training too)."""
+    rejected = rejections + built.rejections
+    return {
+        "rows_in": built.rows_kept + len(rejected),
+        "rows_kept": built.rows_kept,
+        "rows_rejected": len(rejected),
+        "rejected_by_reason": dict(Counter(r.reason for r in rejected)),
+        "failed_checks": [c.name for c in checks if not c.passed and not c.warning],
+    }
 
 
 def build_report(
@@ -107,7 +143,7 @@ def build_report(
     data_cfg = config.data
     examples = built.examples
     rejections = rejections + built.rejections
-    rows_in = len(examples) + len(rejections)
+    rows_in = built.rows_kept + len(rejections)
     checks = check_mask(built, tokenizer, template, config.template.mask)
     zero = sum(r.reason == "no_supervised_tokens" for r in rejections)
     checks.append(
@@ -117,7 +153,7 @@ def build_report(
     return DataReport(
         rows_in=rows_in,
         formats=formats,
-        rows_kept=len(examples),
+        rows_kept=built.rows_kept,
         rejected_by_reason=dict(Counter(r.reason for r in rejections)),
         tokens=sum(len(e.input_ids) for e in examples),
         supervised_tokens=sum(e.num_supervised for e in examples),
@@ -126,10 +162,17 @@ def build_report(
         rows_zero_supervised=zero,
         checks=checks,
         template={
-            "name": template.name,
+            "name": template.describe(),
             "mask": config.template.mask,
             "has_generation_markers": template.has_generation_markers,
             "masking": MASKING_METHOD,
+        },
+        history_rewrite={
+            "policy": config.template.history_rewrite,
+            "rows_expanded": built.expanded_rows,
+            "examples_from_expanded_rows": sum(1 for e in examples if e.expanded_because),
+            "extra_tokens": built.expansion_extra_tokens,
+            "prefix_failures": built.prefix_failures,
         },
         batching=padding_waste(
             [len(e.input_ids) for e in examples],
@@ -149,18 +192,22 @@ def check_conversations(
     conversations: list[Conversation],
     tokenizer: Any,
     template: ChatTemplate,
-    mask: str = "assistant",
+    mask: MaskMode = "assistant",
     max_length: int | None = None,
-    truncation: str = "drop",
+    truncation: TruncationPolicy = "drop",
+    history_rewrite: HistoryRewrite = "expand",
 ) -> tuple[list[Example], list[Rejection], list[CheckResult]]:
     """Build the conversations with `build_examples` and run every mask check on them."""
-    built = build_examples(conversations, tokenizer, template, mask, max_length, truncation)  # type: ignore[arg-type]
+    built = build_examples(
+        conversations, tokenizer, template, mask, max_length, truncation, history_rewrite=history_rewrite
+    )
     return built.examples, built.rejections, check_mask(built, tokenizer, template, mask)
 
 
 def check_mask(built: BuiltExamples, tokenizer: Any, template: ChatTemplate, mask: str) -> list[CheckResult]:
-    """Every mask check over built examples; rows the template could not render count as failures."""
-    failures: dict[str, list[str]] = {name: [] for name in MASK_CHECKS}
+    """Every mask check over built examples; rows the template could not render count as failures. Then the
+    warnings (WARNING_CHECKS)."""
+    failures: dict[str, list[str]] = {name: [] for name in (*MASK_CHECKS, *WARNING_CHECKS)}
     for rejection in built.rejections:
         if rejection.reason == DOUBLE_BOS:
             failures["single_bos"].append(rejection.source)
@@ -171,8 +218,10 @@ def check_mask(built: BuiltExamples, tokenizer: Any, template: ChatTemplate, mas
             failures[name].append(example.source)
         if mask != "all" and not is_inference_consistent(example, conversation, tokenizer, template):
             failures["inference_parity"].append(example.source)
+        if example.header_supervised:
+            failures["role_header_not_supervised"].append(example.source)
     checked = len(built.examples) + len(built.rejections)
-    return [_named_check(name, failures[name], checked) for name in MASK_CHECKS]
+    return [_named_check(name, failures[name], checked) for name in (*MASK_CHECKS, *WARNING_CHECKS)]
 
 
 def check_examples(examples: list[Example], tokenizer: Any) -> list[CheckResult]:
@@ -220,23 +269,19 @@ def supervised_runs(labels: list[int]) -> list[tuple[int, int]]:
 def is_inference_consistent(
     example: Example, conversation: Conversation, tokenizer: Any, template: ChatTemplate
 ) -> bool:
-    """The inference prompt (messages before the last assistant turn, with the generation prompt) tokenizes to a
-    prefix of the training ids that ends exactly where the last supervised span starts."""
-    if conversation.text is not None:
-        return True
-    assistant = [i for i, m in enumerate(conversation.messages) if m.role == "assistant"]
+    """The prompt that generation sends for this example's turn (built by the one prompt builder, as `sftune
+    generate`, `eval` and `chat` build it) tokenizes to a prefix of the training ids that ends exactly where the
+    turn's supervision starts."""
     runs = supervised_runs(example.labels)
-    if not assistant or not runs:
+    if conversation.text is not None or example.turn is None or not runs:
         return True
-    messages = [m.as_dict() for m in conversation.messages[: assistant[-1]]]
-    prompt = render(tokenizer, template, messages, add_generation_prompt=True, tools=conversation.tools)
     try:
-        prompt_ids, _ = tokenize_rendered(tokenizer, prompt)
+        ids = prompt_ids(tokenizer, template, prompt_for(conversation, example.turn))
     except TemplateError:
         return False
-    if example.truncated and len(prompt_ids) >= len(example.input_ids):
+    if example.truncated and len(ids) >= len(example.input_ids):
         return True  # the last turn was cut away: nothing of it is trained
-    return example.input_ids[: len(prompt_ids)] == prompt_ids and runs[-1][0] == len(prompt_ids)
+    return example.input_ids[: len(ids)] == ids and runs[-1][0] == len(ids)
 
 
 def _named_check(name: str, sources: list[str], checked: int) -> CheckResult:
@@ -244,7 +289,8 @@ def _named_check(name: str, sources: list[str], checked: int) -> CheckResult:
 
 
 def _count_check(name: str, failures: int, checked: int, first_source: str) -> CheckResult:
-    return CheckResult(name, failures == 0, failures, checked, first_source, CHECK_DESCRIPTIONS[name])
+    warning = name in WARNING_CHECKS
+    return CheckResult(name, failures == 0, failures, checked, first_source, CHECK_DESCRIPTIONS[name], warning)
 
 
 def _first(rejections: list[Rejection], reason: str) -> str:
@@ -254,8 +300,10 @@ def _first(rejections: list[Rejection], reason: str) -> str:
 CHECK_DESCRIPTIONS = {
     "end_token_supervised": "every supervised turn ends with its end-of-turn / EOS special token, which is trained",
     "single_bos": "no example starts with two BOS tokens",
-    "inference_parity": "the inference prompt tokenizes to a prefix of the training ids, "
-    "ending where supervision starts",
+    "inference_parity": "the prompt generate/eval/chat send (same messages, system prompt, tools) tokenizes to a "
+    "prefix of the training ids, ending where supervision starts",
+    "role_header_not_supervised": "the template has a generation prompt, so the assistant role header is prompt, not "
+    "trained (where it has none, the model learns to write the header itself, as it must at inference)",
     "rows_have_supervised_tokens": "no row is left with nothing to train (e.g. after truncation)",
 }
 
@@ -324,6 +372,21 @@ def render_report_text(report: DataReport) -> str:
         f"to train: {report.tokens_to_train['epochs']} epochs = {report.tokens_to_train['supervised_tokens']} "
         f"supervised of {report.tokens_to_train['tokens']} tokens",
     ]
+    rewrite = report.history_rewrite
+    if rewrite.get("rows_expanded") or rewrite.get("prefix_failures"):
+        causes = ", ".join(f"{cause}: {n}" for cause, n in rewrite["prefix_failures"].items())
+        lines.append(
+            f"history rewritten by the template ({causes}): {rewrite['rows_expanded']} rows expanded into "
+            f"{rewrite['examples_from_expanded_rows']} per-turn examples (+{rewrite['extra_tokens']} tokens; "
+            f"template.history_rewrite={rewrite['policy']})"
+        )
+    if report.validation:
+        v = report.validation
+        failed = ", ".join(v["failed_checks"]) or "none"
+        lines.append(
+            f"validation: {v['rows_in']} rows = {v['rows_kept']} kept + {v['rows_rejected']} rejected "
+            f"({', '.join(f'{k}: {n}' for k, n in v['rejected_by_reason'].items()) or 'none'}); failed checks: {failed}"
+        )
     if report.memory:
         m = report.memory
         lines.append(
@@ -335,6 +398,6 @@ def render_report_text(report: DataReport) -> str:
 
 
 def _check_line(check: CheckResult) -> str:
-    status = "PASS" if check.passed else "FAIL"
+    status = "PASS" if check.passed else "WARN" if check.warning else "FAIL"
     where = f" (first: {check.first_source})" if check.first_source else ""
     return f"  {status} {check.name}: {check.failures} of {check.checked} failed{where}; {check.detail}"

@@ -11,21 +11,28 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from sftune.data.masking import MaskMode, TruncationPolicy, build_example
-from sftune.data.templates import ChatTemplate, TemplateError
-from sftune.data.types import Conversation, Example, Rejection
+from sftune.data.masking import HistoryRewrite, MaskMode, PrefixError, TruncationPolicy, build_example
+from sftune.data.templates import ChatTemplate, TemplateError, TemplateRenderError
+from sftune.data.types import Conversation, Example, Prompt, Rejection
 
 DOUBLE_BOS = "double_bos"
-TEMPLATE_ERROR = "template_error"
+TEMPLATE_ERROR = "template_error"  # the template cannot render this row incrementally, not even turn by turn
+TEMPLATE_RAISED = "template_raised"  # the template's own code raised on this row (e.g. "roles must alternate")
+ROW_ERROR = "row_error"  # the tokenizer or anything else failed on this row
 
 
 @dataclass
 class BuiltExamples:
-    """What `build_examples` made of a list of conversations: each one is an example or a rejection."""
+    """What `build_examples` made of a list of conversations: each one is an example (or, for a row whose template
+    rewrites history, one example per assistant turn) or a rejection."""
 
     examples: list[Example]
     rejections: list[Rejection]
     conversations: list[Conversation]  # aligned with `examples`: the conversation each one was built from
+    rows_kept: int = 0  # conversations that gave at least one example
+    expanded_rows: int = 0  # rows expanded into one example per assistant turn
+    expansion_extra_tokens: int = 0  # tokens those rows cost beyond one example each
+    prefix_failures: dict[str, int] = field(default_factory=dict)  # cause -> rows (expanded or rejected)
 
 
 def build_examples(
@@ -36,29 +43,60 @@ def build_examples(
     max_length: int | None = None,
     truncation: TruncationPolicy = "drop",
     limit: int | None = None,
+    history_rewrite: HistoryRewrite = "expand",
 ) -> BuiltExamples:
     """Render, tokenize and mask each conversation; stop once `limit` examples are built (None: all).
 
-    A row the template cannot render correctly (two BOS tokens, a template that rewrites earlier turns, a
-    template's own exception) becomes a Rejection with its source and the reason, never an exception that
-    stops the whole set.
+    A row that cannot be built (two BOS tokens, a template that raises on it or cannot render it incrementally,
+    a tokenizer error) becomes a Rejection with its source and the reason, never an exception that stops the set.
     """
     built = BuiltExamples([], [], [])
+    causes: Counter[str] = Counter()
     for conversation in conversations:
         if limit is not None and len(built.examples) >= limit:
             break
-        try:
-            result = build_example(tokenizer, template, conversation, mask, max_length, truncation)
-        except TemplateError as error:
-            reason = DOUBLE_BOS if "two BOS" in str(error) else TEMPLATE_ERROR
-            built.rejections.append(Rejection(conversation.source, reason, str(error)))
-            continue
+        result = build_one(tokenizer, template, conversation, mask, max_length, truncation, history_rewrite, causes)
         if isinstance(result, Rejection):
             built.rejections.append(result)
-        else:
-            built.examples.append(result)
-            built.conversations.append(conversation)
+            continue
+        examples = result if isinstance(result, list) else [result]
+        built.examples += examples
+        built.conversations += [conversation] * len(examples)
+        built.rows_kept += 1
+        if isinstance(result, list):
+            built.expanded_rows += 1
+            built.expansion_extra_tokens += sum(len(e.input_ids) for e in examples[:-1])
+    built.prefix_failures = dict(causes)
     return built
+
+
+def build_one(
+    tokenizer: Any,
+    template: ChatTemplate,
+    conversation: Conversation,
+    mask: MaskMode,
+    max_length: int | None,
+    truncation: TruncationPolicy,
+    history_rewrite: HistoryRewrite,
+    causes: Counter[str],
+) -> Example | list[Example] | Rejection:
+    """One conversation through `build_example`, every failure turned into a Rejection with its reason."""
+    source = conversation.source
+    try:
+        result = build_example(tokenizer, template, conversation, mask, max_length, truncation, history_rewrite)
+    except PrefixError as error:
+        causes[error.cause] += 1
+        return Rejection(source, TEMPLATE_ERROR, str(error))
+    except TemplateRenderError as error:
+        return Rejection(source, TEMPLATE_RAISED, f"{source}: {error}")
+    except TemplateError as error:
+        reason = DOUBLE_BOS if "two BOS" in str(error) else TEMPLATE_ERROR
+        return Rejection(source, reason, str(error))
+    except Exception as error:  # a tokenizer failing on one row's text must not stop the others
+        return Rejection(source, ROW_ERROR, f"{source}: {type(error).__name__}: {error}")
+    if isinstance(result, list) and result:
+        causes[result[0].expanded_because] += 1
+    return result
 
 
 @dataclass
@@ -70,7 +108,9 @@ class PreparedData:
     rejections: list[Rejection]
     rows_in: int
     formats: dict[str, int] = field(default_factory=dict)
-    validation_prompts: list[list[dict[str, Any]]] = field(default_factory=list)  # for sample generations
+    validation_prompts: list[Prompt] = field(default_factory=list)  # for sample generations
+    train_rows: int | None = None  # rows behind `train` (fewer than examples where rows were expanded per turn)
+    validation_rows: int | None = None
 
     def end_token_ids(self) -> list[int]:
         """The end-of-turn token ids that close the supervised turns: where generation must stop."""
@@ -82,8 +122,10 @@ class PreparedData:
     def counts(self) -> dict[str, Any]:
         return {
             "rows_in": self.rows_in,
-            "rows_trained": len(self.train),
-            "rows_validation": len(self.validation),
+            "rows_trained": len(self.train) if self.train_rows is None else self.train_rows,
+            "rows_validation": len(self.validation) if self.validation_rows is None else self.validation_rows,
+            "examples_trained": len(self.train),
+            "examples_validation": len(self.validation),
             "rows_rejected": len(self.rejections),
             "rejected_by_reason": self.rejected_by_reason(),
             "formats": self.formats,

@@ -58,6 +58,8 @@ _FLAT_FORMAT_FIELDS = {
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
+# A row to generate from needs no answer: the fields that name its format then.
+_PROMPT_FORMAT_FIELDS = {"alpaca": ("instruction",), "prompt_completion": ("prompt",), "text": ("text",)}
 _TURN_LIST_KEYS = ("messages", "conversations")
 _ROLES: tuple[Role, ...] = ("system", "user", "assistant", "tool")
 _SHAREGPT_ROLES: dict[str, Role] = {
@@ -109,15 +111,16 @@ def _check_column_names(columns: Mapping[str, str]) -> None:
             )
 
 
-def detect_format(row: Mapping[str, Any], columns: Mapping[str, str] | None = None) -> str:
-    """Name the format of one row: 'alpaca', 'messages', 'sharegpt', 'prompt_completion' or 'text'."""
+def detect_format(row: Mapping[str, Any], columns: Mapping[str, str] | None = None, require_answer: bool = True) -> str:
+    """Name the format of one row: 'alpaca', 'messages', 'sharegpt', 'prompt_completion' or 'text'. Without
+    `require_answer` (a row to generate from), the answer field need not be there."""
     if not isinstance(row, Mapping):
         raise DataError(f"a row must be an object with named fields, got a {type(row).__name__}")
     fields = apply_columns(row, columns)
     turn_key = _turn_list_key(fields)
     if turn_key is not None:
         return _detect_turn_style(fields[turn_key], turn_key)
-    for fmt, needed in _FLAT_FORMAT_FIELDS.items():
+    for fmt, needed in (_FLAT_FORMAT_FIELDS if require_answer else _PROMPT_FORMAT_FIELDS).items():
         if all(_has(fields, name) for name in needed):
             return fmt
     raise DataError(_describe_unknown_format(row, fields, columns))
@@ -170,26 +173,32 @@ def to_conversation(
     source: str,
     columns: Mapping[str, str] | None = None,
     system_prompt: str | None = None,
+    require_answer: bool = True,
 ) -> Conversation | Rejection:
-    """Convert one row of format `fmt`; a row that cannot be trained on becomes a Rejection (never an exception)."""
+    """Convert one row of format `fmt`; a row that cannot be trained on becomes a Rejection (never an exception).
+
+    Training and inference both convert rows here: without `require_answer` (a row to generate from) the answer
+    (alpaca `output`, `completion`) may be missing and the conversation need not hold an assistant turn.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format '{fmt}': use one of {', '.join(FORMATS)}")
     if not isinstance(row, Mapping):
         return Rejection(source, "wrong_type", f"a row must be an object, got a {type(row).__name__}", row)
     fields = apply_columns(row, columns)
     try:
-        conversation = _CONVERTERS[fmt](fields, source)
+        conversation = _CONVERTERS[fmt](fields, source, require_answer)
         if conversation.text is None:
             conversation = _with_system_prompt(conversation, system_prompt)
-            _check_trainable(conversation.messages)
+            if require_answer:
+                _check_trainable(conversation.messages)
     except _RowProblem as problem:
         return Rejection(source, problem.reason, problem.detail, row)
     return conversation
 
 
-def _alpaca_to_conversation(row: Mapping[str, Any], source: str) -> Conversation:
+def _alpaca_to_conversation(row: Mapping[str, Any], source: str, require_answer: bool = True) -> Conversation:
     instruction = _require_string(row, "instruction", "alpaca")
-    output = _require_string(row, "output", "alpaca")
+    output = _require_string(row, "output", "alpaca") if require_answer or _has(row, "output") else None
     query = _optional_string(row, "input")
     user = "\n\n".join(part for part in (instruction, query) if part.strip())
     # Templates that give the input its own section (the built-in alpaca) read these; others use content.
@@ -197,27 +206,34 @@ def _alpaca_to_conversation(row: Mapping[str, Any], source: str) -> Conversation
     messages = [
         *_history_messages(row.get("history")),
         Message(role="user", content=user, extra=fields),
-        Message(role="assistant", content=output),
+        *([] if output is None else [Message(role="assistant", content=output)]),
     ]
     return _chat_conversation(row, messages, source)
 
 
-def _messages_to_conversation(row: Mapping[str, Any], source: str) -> Conversation:
+def _messages_to_conversation(row: Mapping[str, Any], source: str, require_answer: bool = True) -> Conversation:
     key = _require_turn_list_key(row, "messages", "a list of {role, content}")
     turns = _require_turn_list(row[key], key)
     return _chat_conversation(row, [_openai_message(turn, index) for index, turn in enumerate(turns)], source)
 
 
-def _sharegpt_to_conversation(row: Mapping[str, Any], source: str) -> Conversation:
+def _sharegpt_to_conversation(row: Mapping[str, Any], source: str, require_answer: bool = True) -> Conversation:
     key = _require_turn_list_key(row, "sharegpt", "a list of {from, value}")
     turns = _require_turn_list(row[key], key)
     return _chat_conversation(row, [_sharegpt_message(turn, index) for index, turn in enumerate(turns)], source)
 
 
-def _prompt_completion_to_conversation(row: Mapping[str, Any], source: str) -> Conversation:
+def _prompt_completion_to_conversation(
+    row: Mapping[str, Any], source: str, require_answer: bool = True
+) -> Conversation:
     prompt = _require(row, "prompt", "prompt_completion")
-    completion = _require(row, "completion", "prompt_completion")
+    if not require_answer and not _has(row, "completion"):
+        completion: Any = "" if isinstance(prompt, str) else []
+    else:
+        completion = _require(row, "completion", "prompt_completion")
     if isinstance(prompt, str) and isinstance(completion, str):
+        if not completion and not require_answer:
+            return _chat_conversation(row, [Message(role="user", content=prompt)], source)
         messages = [Message(role="user", content=prompt), Message(role="assistant", content=completion)]
     elif isinstance(prompt, list) and isinstance(completion, list):
         messages = [_openai_message(turn, index) for index, turn in enumerate([*prompt, *completion])]
@@ -230,7 +246,7 @@ def _prompt_completion_to_conversation(row: Mapping[str, Any], source: str) -> C
     return _chat_conversation(row, messages, source)
 
 
-def _text_to_conversation(row: Mapping[str, Any], source: str) -> Conversation:
+def _text_to_conversation(row: Mapping[str, Any], source: str, require_answer: bool = True) -> Conversation:
     text = _require_string(row, "text", "text")
     if not text.strip():
         raise _RowProblem("empty_text", "the 'text' field is empty or whitespace, so there is nothing to train on")
@@ -367,6 +383,13 @@ def _check_trainable(messages: list[Message]) -> None:
         roles = ", ".join(message.role for message in messages) or "none"
         raise _RowProblem(
             "no_assistant_turn", f"no assistant turn (roles: {roles}), so nothing would be trained on this row"
+        )
+    first = next((message for message in messages if message.role != "system"), None)
+    if first is not None and first.role == "assistant":
+        raise _RowProblem(
+            "assistant_first",
+            "the conversation opens with an assistant turn: there is no prompt for it to answer (start with a user "
+            "turn, or drop the opening assistant message)",
         )
     for index, message in enumerate(messages):
         if message.role == "assistant" and not message.content.strip() and not message.extra.get("tool_calls"):

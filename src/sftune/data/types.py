@@ -31,6 +31,15 @@ class Conversation:
 
 
 @dataclass(frozen=True)
+class Prompt:
+    """What inference renders: the messages before the reply to generate (with the generation prompt) and the
+    tools the template shows. Training's parity check and every generation path build it the same way."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
 class Rejection:
     """A row that will not be trained on, and why. Every dropped row becomes one of these."""
 
@@ -50,6 +59,9 @@ class Example:
     end_token_ids: tuple[int, ...] = ()  # the end-of-turn token closing each supervised turn
     turns_without_end_token: int = 0  # supervised turns the template closed with no special token
     truncated: bool = False
+    turn: int | None = None  # message index of the last supervised assistant turn: its prompt is messages[:turn]
+    expanded_because: str = ""  # one of the per-turn examples of a row whose template rewrites history: the cause
+    header_supervised: bool = False  # the template has no generation prompt: the role header is trained too
 
     @property
     def num_supervised(self) -> int:

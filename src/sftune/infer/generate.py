@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,10 @@ import torch
 from tqdm.auto import tqdm
 
 from sftune.config import GenerateConfig
-from sftune.data.masking import tokenize_rendered
-from sftune.data.templates import ChatTemplate, TemplateError, render
-from sftune.infer.prompts import PromptRow, read_prompt_rows
+from sftune.data.prompt import prompt_ids as render_prompt_ids
+from sftune.data.templates import ChatTemplate, TemplateError, tokenizer_template
+from sftune.data.types import Prompt
+from sftune.infer.prompts import PromptRow, PromptSettings, read_prompt_rows
 from sftune.infer.types import Generation, Reply
 from sftune.model.load import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
 from sftune.model.lora import is_adapter_folder, load_merged
@@ -40,15 +42,16 @@ def load_for_inference(path: str, device: str = "auto", dtype: str = "auto") -> 
 
 
 def saved_template(tokenizer: Any) -> ChatTemplate:
+    """The template saved with the model at training (both named templates where training used two)."""
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError("this model's tokenizer has no chat template: it was not saved by sftune train")
-    return ChatTemplate("saved", tokenizer.chat_template)
+    return replace(tokenizer_template(tokenizer.chat_template), name="saved")
 
 
-def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
-    text = render(tokenizer, saved_template(tokenizer), messages, add_generation_prompt=True)
-    ids, _ = tokenize_rendered(tokenizer, text)
-    return ids
+def prompt_ids(tokenizer: Any, prompt: Prompt | list[dict[str, Any]]) -> list[int]:
+    """What generation feeds the model: the prompt through the one prompt builder, with the saved template."""
+    prompt = prompt if isinstance(prompt, Prompt) else Prompt(list(prompt))
+    return render_prompt_ids(tokenizer, saved_template(tokenizer), prompt)
 
 
 def sampling_arguments(temperature: float, top_p: float) -> dict[str, Any]:
@@ -68,7 +71,7 @@ def stop_token_ids(model: Any) -> list[int]:
 def generate_replies(
     model: Any,
     tokenizer: Any,
-    conversations: list[list[dict[str, Any]]],
+    prompts: list[Prompt] | list[list[dict[str, Any]]],
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -76,13 +79,13 @@ def generate_replies(
 ) -> list[Reply]:
     """Replies to each conversation, in one batch; greedy when temperature == 0. Stops at any end-of-turn id
     (`stop_ids`, by default the model's generation_config eos, where sftune saves the end-of-turn token)."""
-    prompts = [prompt_ids(tokenizer, messages) for messages in conversations]
+    prompt_tokens = [prompt_ids(tokenizer, prompt) for prompt in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(p) for p in prompts)
+    width = max(len(p) for p in prompt_tokens)
     device = next(model.parameters()).device
     # Left padding: every prompt then ends where generation starts.
-    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompt_tokens], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_tokens], device=device)
     stop_ids = stop_ids or stop_token_ids(model)
     output = model.generate(
         input_ids=input_ids,
@@ -119,9 +122,7 @@ def generate_rows(
     with tqdm(total=len(rows), desc=desc, unit="row", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            replies = generate_replies(
-                model, tokenizer, [r.messages for r in chunk], max_new_tokens, temperature, top_p
-            )
+            replies = generate_replies(model, tokenizer, [r.prompt for r in chunk], max_new_tokens, temperature, top_p)
             for row, reply in zip(chunk, replies, strict=True):
                 generations.append(
                     Generation(row.id, row.prompt_text, row.reference, reply.text, reply.finished, reply.num_tokens)
@@ -131,11 +132,17 @@ def generate_rows(
 
 
 def generate_file(
-    model: Any, tokenizer: Any, input_path: str, output_path: str, settings: GenerateConfig
+    model: Any,
+    tokenizer: Any,
+    input_path: str,
+    output_path: str,
+    settings: GenerateConfig,
+    prompt_settings: PromptSettings | None = None,
 ) -> dict[str, int]:
     """`sftune generate --input`: one output line per readable row, in order, with the row's id; rejected rows
     (no prompt to answer) are counted and reported on stderr, never dropped silently."""
-    rows, rejected = read_prompt_rows(input_path, system_prompt=settings.system_prompt)
+    prompt_settings = prompt_settings or PromptSettings(system_prompt=settings.system_prompt)
+    rows, rejected = read_prompt_rows(input_path, settings=prompt_settings)
     for rejection in rejected:
         print(f"skipped {rejection.source}: {rejection.detail}", file=sys.stderr)
     generations = generate_rows(

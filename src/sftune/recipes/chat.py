@@ -5,6 +5,7 @@ from __future__ import annotations
 from sftune.config import GenerateConfig
 from sftune.infer.chat import chat_loop, enable_line_editing, write_stdout
 from sftune.infer.generate import load_for_inference, saved_template
+from sftune.infer.prompts import run_prompt_settings
 
 
 def chat(model_path: str, settings: GenerateConfig) -> int:
@@ -13,4 +14,5 @@ def chat(model_path: str, settings: GenerateConfig) -> int:
     saved_template(tokenizer)  # fail before the first prompt, not after the user typed a question
     write_stdout(f"sftune chat with {model_path}\n/reset clears the history, /exit or Ctrl-D quits\n")
     enable_line_editing()
-    return chat_loop(model, tokenizer, settings.system_prompt, settings)
+    system = run_prompt_settings(model_path, settings.system_prompt).system_prompt  # the run's, as trained
+    return chat_loop(model, tokenizer, system, settings)

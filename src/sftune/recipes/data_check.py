@@ -31,9 +31,16 @@ def inspect(
     Returns how many were shown."""
     tokenizer, template = setup_tokenizer(config)
     conversations, _, _ = read_conversations(config.data.train, config.data)
-    data = config.data
+    data, mask = config.data, config.template
     built = build_examples(
-        conversations, tokenizer, template, config.template.mask, data.max_length, data.truncation, limit=count
+        conversations,
+        tokenizer,
+        template,
+        mask.mask,
+        data.max_length,
+        data.truncation,
+        limit=count,
+        history_rewrite=mask.history_rewrite,
     )
     print(render_legend_ansi())
     for example in built.examples:

@@ -19,7 +19,7 @@ from sftune.data.types import Conversation, Message
 from sftune.eval.metrics import check_extractor, score_generations
 from sftune.eval.report import ModelEval, write_report
 from sftune.infer.generate import generate_rows, load_for_inference, saved_template
-from sftune.infer.prompts import PromptRow, read_prompt_rows
+from sftune.infer.prompts import PromptRow, read_prompt_rows, run_prompt_settings
 from sftune.training.loss import TokenLoss, mean_token_loss
 from sftune.training.metrics import perplexity
 
@@ -39,7 +39,8 @@ def evaluate(
     if "exact_match" in config.metrics:
         check_extractor(config.extractor, config.answer_pattern)  # a bad regex fails before any model loads
     started = time.perf_counter()
-    rows, rejected = read_prompt_rows(data, config.max_rows)
+    # Rows become prompts as the run's training rows did: its columns, format and system prompt.
+    rows, rejected = read_prompt_rows(data, config.max_rows, settings=run_prompt_settings(model))
     tuned = evaluate_one("model", model, rows, config, progress)
     # A base model with no chat template of its own is prompted with the tuned model's: the same prompts.
     evaluated = (
@@ -122,13 +123,15 @@ def response_loss(model: Any, tokenizer: Any, rows: list[PromptRow]) -> float | 
 
 
 def as_conversation(row: PromptRow) -> Conversation:
+    """The prompt and its reference as the conversation training would have built: same messages, extras, tools."""
     messages = [
         Message(
             role=m["role"], content=m["content"], extra={k: v for k, v in m.items() if k not in ("role", "content")}
         )
         for m in row.messages
     ]
-    return Conversation([*messages, Message(role="assistant", content=row.reference or "")], source=row.id)
+    reply = Message(role="assistant", content=row.reference or "")
+    return Conversation([*messages, reply], source=row.id, tools=row.prompt.tools)
 
 
 def write_generations(path: Path, rows: list[PromptRow], evaluated: list[ModelEval]) -> None:

@@ -13,11 +13,20 @@ from typing import Any
 
 from sftune.config import Config
 from sftune.data.batching import longest_micro_batch
-from sftune.data.check import MASK_CHECKS, DataReport, build_report, check_data
-from sftune.data.dataset import BuiltExamples, PreparedData, build_examples
+from sftune.data.check import (
+    MASK_CHECKS,
+    DataReport,
+    build_configured,
+    build_report,
+    check_data,
+    check_mask,
+    summarize_validation,
+)
+from sftune.data.dataset import PreparedData
 from sftune.data.formats import read_conversations, split_validation
+from sftune.data.prompt import can_be_answered, prompt_for
 from sftune.data.templates import ChatTemplate
-from sftune.data.types import Conversation, Example, Rejection
+from sftune.data.types import Conversation, Example, Prompt, Rejection
 from sftune.model.load import resolve_model_path
 from sftune.model.memory import estimate_memory, load_model_config
 from sftune.training.run import RunError
@@ -35,26 +44,22 @@ def setup_data(config: Config, tokenizer: Any, template: ChatTemplate, run_dir: 
             conversations, data_cfg.validation_fraction, config.train.seed
         )
     report = check_training_data(config, tokenizer, template, conversations, rejections, formats)
+    validation = build_configured(validation_rows, tokenizer, template, config)
+    if validation_rows or val_rejections:  # checked like the training rows, before any training
+        checks = check_mask(validation, tokenizer, template, config.template.mask)
+        report.validation = summarize_validation(validation, val_rejections, checks)
     write_data_report(report, run_dir)
     stop_on_failed_checks(report, config)
-    validation = examples_for(validation_rows, tokenizer, template, config)
-    rows_in = report.rows_in + len(validation_rows) + len(val_rejections)
+    rows_in = report.rows_in + validation.rows_kept + len(val_rejections) + len(validation.rejections)
     # report.rejections = the train file's rows dropped on reading + the train rows its build dropped: each once.
     rejected = report.rejections + val_rejections + validation.rejections
     data = PreparedData(report.examples, validation.examples, rejected, rows_in, formats)
+    data.train_rows, data.validation_rows = report.rows_kept, validation.rows_kept
     data.validation_prompts = prompts_for_samples(validation_rows, config.eval.sample_prompts)
     write_rejections(run_dir / "rejected.jsonl", data.rejections)
     report_data(data, run_dir)
     check_trainable(data, data_cfg.max_length, allow_missing_end_token=data_cfg.proceed_on_failed_checks)
     return data
-
-
-def examples_for(
-    conversations: list[Conversation], tokenizer: Any, template: ChatTemplate, config: Config
-) -> BuiltExamples:
-    """`build_examples` with the run's mask and length settings."""
-    data = config.data
-    return build_examples(conversations, tokenizer, template, config.template.mask, data.max_length, data.truncation)
 
 
 def check_training_data(
@@ -70,7 +75,7 @@ def check_training_data(
     if conversations is None:
         report = check_data(config, tokenizer, template)
     else:
-        built = examples_for(conversations, tokenizer, template, config)
+        built = build_configured(conversations, tokenizer, template, config)
         report = build_report(built, rejections or [], formats or {}, config, tokenizer, template)
     report.memory = estimate_run_memory(config, [len(e.input_ids) for e in report.examples])
     return report
@@ -94,8 +99,11 @@ def write_data_report(report: DataReport, run_dir: Path) -> None:
 def stop_on_failed_checks(report: DataReport, config: Config) -> None:
     """A failed mask check stops the run unless data.proceed_on_failed_checks allows it."""
     failed = report.failed_checks(MASK_CHECKS)
-    if failed and not config.data.proceed_on_failed_checks:
+    failed_validation = report.validation["failed_checks"] if report.validation else []
+    if (failed or failed_validation) and not config.data.proceed_on_failed_checks:
         names = ", ".join(f"{c.name} ({c.failures} of {c.checked}, first: {c.first_source})" for c in failed)
+        if failed_validation:
+            names += f"{', ' if names else ''}on the validation rows: {', '.join(failed_validation)}"
         raise RunError(
             f"the loss mask fails checks: {names}. Training on it would teach the wrong tokens (see data_report.txt "
             "in the run folder, and `sftune data inspect` to look at examples): fix the template or data, or set "
@@ -137,11 +145,8 @@ def check_trainable(data: PreparedData, max_length: int, allow_missing_end_token
         )
 
 
-def prompts_for_samples(conversations: list[Conversation], count: int) -> list[list[dict[str, Any]]]:
-    """The first `count` validation conversations up to their last assistant turn: fixed prompts to watch."""
-    prompts = []
-    for conversation in conversations[:count]:
-        last = max((i for i, m in enumerate(conversation.messages) if m.role == "assistant"), default=None)
-        if last:
-            prompts.append([m.as_dict() for m in conversation.messages[:last]])
-    return prompts
+def prompts_for_samples(conversations: list[Conversation], count: int) -> list[Prompt]:
+    """The first `count` validation conversations up to their last assistant turn, through the one prompt builder
+    (tools, system prompt and extras as trained): fixed prompts to watch."""
+    prompts = [prompt_for(c) for c in conversations[:count] if c.text is None]
+    return [p for p in prompts if can_be_answered(p)]

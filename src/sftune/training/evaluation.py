@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from sftune.data.types import Example
+from sftune.data.types import Example, Prompt
 from sftune.infer.generate import generate_replies
 from sftune.training.checkpoint import TrainerState
 from sftune.training.loss import TokenLoss, mean_token_loss
@@ -34,7 +34,7 @@ def evaluate_and_log(
 def log_samples(
     model: Any,
     tokenizer: Any,
-    prompts: list[list[dict[str, Any]]],
+    prompts: list[Prompt],
     stop_ids: list[int],
     max_new_tokens: int,
     state: TrainerState,
@@ -49,5 +49,6 @@ def log_samples(
     model.train(was_training)
     log = MetricsLog(run_dir / "samples.jsonl")
     for index, (prompt, reply) in enumerate(zip(prompts, replies, strict=True)):
-        record = {"step": state.global_step, "index": index, "prompt": prompt[-1]["content"], "output": reply.text}
+        record = {"step": state.global_step, "index": index, "prompt": prompt.messages[-1]["content"]}
+        record["output"] = reply.text
         log.write({**record, "finished": reply.finished})
