@@ -20,17 +20,8 @@ from sftune.data.types import IGNORE_INDEX
 from sftune.infer.generate import prompt_ids
 from sftune.infer.prompts import PromptSettings, read_prompt_rows
 from tests.conftest import shared_path
+from tests.data.test_check import TOOLS
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather of a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-    }
-]
 TOOL_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
 
 

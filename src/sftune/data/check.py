@@ -101,9 +101,9 @@ def check_data(config: Config, tokenizer: Any, template: ChatTemplate) -> DataRe
 
 
 def build_configured(
-    conversations: list[Conversation], tokenizer: Any, template: ChatTemplate, config: Config
+    conversations: list[Conversation], tokenizer: Any, template: ChatTemplate, config: Config, limit: int | None = None
 ) -> BuiltExamples:
-    """`build_examples` with the config's mask, length and history settings."""
+    """`build_examples` with the config's mask, length and history settings (the first `limit` examples)."""
     data, mask = config.data, config.template
     return build_examples(
         conversations,
@@ -112,6 +112,7 @@ def build_configured(
         mask.mask,
         data.max_length,
         data.truncation,
+        limit=limit,
         history_rewrite=mask.history_rewrite,
     )
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sftune.config import Config
-from sftune.data.check import DataReport
-from sftune.data.dataset import build_examples
+from sftune.data.check import DataReport, build_configured
 from sftune.data.formats import read_conversations
 from sftune.data.inspect import render_example_ansi, render_examples_html, render_legend_ansi
 from sftune.model.setup import setup_tokenizer
@@ -31,17 +30,7 @@ def inspect(
     Returns how many were shown."""
     tokenizer, template = setup_tokenizer(config)
     conversations, _, _ = read_conversations(config.data.train, config.data)
-    data, mask = config.data, config.template
-    built = build_examples(
-        conversations,
-        tokenizer,
-        template,
-        mask.mask,
-        data.max_length,
-        data.truncation,
-        limit=count,
-        history_rewrite=mask.history_rewrite,
-    )
+    built = build_configured(conversations, tokenizer, template, config, limit=count)
     print(render_legend_ansi())
     for example in built.examples:
         print(render_example_ansi(example, tokenizer, ids, boundaries))
