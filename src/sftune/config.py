@@ -99,7 +99,9 @@ class TemplateConfig(_Section):
 class LoraConfig(_Section):
     r: int = Field(16, gt=0, description="LoRA rank: inner dimension of the low-rank update B @ A.")
     alpha: int = Field(32, gt=0, description="LoRA scaling numerator: the update is scaled by alpha / r.")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the input of the LoRA branch.")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="Dropout on the input of the LoRA branch (0, as PEFT and TRL: no input copy)."
+    )
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
         description="Linear layers that get adapters: all-linear (every linear of the transformer blocks, "
@@ -125,6 +127,11 @@ class TrainConfig(_Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps is set).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     micro_batch_size: int = Field(4, gt=0, description="Examples per forward/backward pass.")
+    padding_free: bool = Field(
+        True,
+        description="Put a micro-batch's examples back to back in one row: no padding, no attention across "
+        "examples (false: pad each example to the longest).",
+    )
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     max_grad_norm: float | None = Field(1.0, description="Clip the global gradient norm to this (null: off).")
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16-true"] = Field(

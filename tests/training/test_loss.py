@@ -74,3 +74,39 @@ def test_a_model_without_body_and_head_is_refused():
 
     with pytest.raises(LossSplitError, match="does not split into a decoder body"):
         TokenLoss.for_model(Bare())
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_linear_cross_entropy_equals_plain_cross_entropy(monkeypatch, with_bias):
+    from sftune.training import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "CHUNK_LOGITS", 7 * 97)  # 7 rows per chunk: several chunks, a ragged last one
+    torch.manual_seed(0)
+    hidden = torch.randn(30, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(97, 16, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(97, dtype=torch.float64, requires_grad=True) if with_bias else None
+    targets = torch.randint(0, 97, (30,))
+    chunked = loss_module.linear_cross_entropy(hidden, weight, bias, targets)
+    grads = torch.autograd.grad(2.5 * chunked, [hidden, weight, *([bias] if with_bias else [])])
+    plain = F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="sum")
+    expected = torch.autograd.grad(2.5 * plain, [hidden, weight, *([bias] if with_bias else [])])
+    torch.testing.assert_close(chunked, plain.float(), atol=1e-5, rtol=1e-6)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_loss_in_a_model_equals_full_logits_in_fp32(monkeypatch):
+    from sftune.training import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "CHUNK_LOGITS", 5 * TINY["vocab_size"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY, **HEADS, tie_word_embeddings=True))
+    batch = collate(make_examples(TINY["vocab_size"], count=4), pad_token_id=0)
+    ours = TokenLoss.for_model(model)(batch)
+    ours.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    reference_loss(model, batch).backward()
+    torch.testing.assert_close(ours, reference_loss(model, batch).detach(), atol=1e-5, rtol=1e-6)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(got[name], parameter.grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -1,4 +1,11 @@
-"""Examples -> padded micro-batches, and the seeded order in which an epoch visits them."""
+"""Examples -> micro-batches (padding-free rows, or padded), and the seeded order in which an epoch visits them.
+
+Padding-free (the default, `train.padding_free`): a micro-batch's examples go back to back into one row, position
+ids restarting at each example and `cu_seq_lens` marking the boundaries, so no token is padding and attention
+stays within each example (model/attention.py; plain sdpa models build the same block-diagonal mask from the
+position ids). The first label of each example is IGNORE_INDEX, so the shifted loss never asks the last token of
+one example to predict the first of the next: the targets are exactly those of the examples unpacked.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ class Batch:
     input_ids: torch.Tensor  # [batch, seq]
     labels: torch.Tensor  # [batch, seq], IGNORE_INDEX where not supervised (padding included)
     attention_mask: torch.Tensor  # [batch, seq], 0 on padding
+    position_ids: torch.Tensor | None = None  # [1, seq] in a padding-free row: restarting at each example
+    cu_seq_lens: torch.Tensor | None = None  # [examples + 1] boundaries of the examples in a padding-free row
 
     @property
     def num_supervised(self) -> int:
@@ -27,7 +36,22 @@ class Batch:
         return int(self.attention_mask.sum())
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(self.input_ids.to(device), self.labels.to(device), self.attention_mask.to(device))
+        moved = [t.to(device) if t is not None else None for t in (self.position_ids, self.cu_seq_lens)]
+        return Batch(self.input_ids.to(device), self.labels.to(device), self.attention_mask.to(device), *moved)
+
+    def model_inputs(self) -> dict[str, Any]:
+        """Keyword arguments of the model's forward: a padded batch's mask, or a padding-free row's boundaries."""
+        if self.cu_seq_lens is None:
+            return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        longest = int((self.cu_seq_lens[1:] - self.cu_seq_lens[:-1]).max())
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "cu_seq_lens_q": self.cu_seq_lens,
+            "cu_seq_lens_k": self.cu_seq_lens,
+            "max_length_q": longest,
+            "max_length_k": longest,
+        }
 
 
 def collate(examples: list[Example], pad_token_id: int) -> Batch:
@@ -42,6 +66,29 @@ def collate(examples: list[Example], pad_token_id: int) -> Batch:
         labels[row, :n] = torch.tensor(example.labels)
         attention_mask[row, :n] = 1
     return Batch(input_ids, labels, attention_mask)
+
+
+def collate_packed(examples: list[Example]) -> Batch:
+    """One padding-free row: the examples back to back, positions restarting, each example's first label ignored."""
+    input_ids = [t for e in examples for t in e.input_ids]
+    labels = [IGNORE_INDEX if i == 0 else label for e in examples for i, label in enumerate(e.labels)]
+    positions = [i for e in examples for i in range(len(e.input_ids))]
+    lengths = [len(e.input_ids) for e in examples]
+    bounds = [0]
+    for length in lengths:
+        bounds.append(bounds[-1] + length)
+    return Batch(
+        torch.tensor([input_ids]),
+        torch.tensor([labels]),
+        torch.ones((1, len(input_ids)), dtype=torch.long),
+        torch.tensor([positions]),
+        torch.tensor(bounds, dtype=torch.int32),
+    )
+
+
+def make_batch(examples: list[Example], pad_token_id: int, padding_free: bool = True) -> Batch:
+    """The micro-batch the training loop and the validation loss use: padding-free, or padded (`collate`)."""
+    return collate_packed(examples) if padding_free else collate(examples, pad_token_id)
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool) -> list[int]:

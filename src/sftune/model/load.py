@@ -297,14 +297,16 @@ def load_model(
     device: str | torch.device,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    attn_implementation: str = "sdpa",
 ) -> PreTrainedModel:
-    """The causal LM of anything `resolve_model_path` accepts, in `dtype` with sdpa attention, on `device`."""
+    """The causal LM of anything `resolve_model_path` accepts, in `dtype` with sdpa attention (or the given
+    implementation), on `device`."""
     resolved = resolve_model_path(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             resolved,
             dtype=dtype,
-            attn_implementation="sdpa",
+            attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
             revision=revision,
         )

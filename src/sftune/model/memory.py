@@ -14,6 +14,7 @@ from sftune.config import Config
 # Python + torch + transformers + peft after import, before any model (CPU, measured by bench/methods.py).
 RUNTIME_BYTES = int(0.35 * 1024**3)
 GIB = 1024**3
+CHUNK_LOGITS_BYTES = 16 * 1024 * 1024 * 4  # training/loss.py CHUNK_LOGITS fp32 values
 
 
 def block_linears(model_config: Any) -> dict[str, tuple[int, int]]:
@@ -66,16 +67,17 @@ def count_lora_parameters(model_config: Any, rank: int, target_modules: list[str
 
 
 def estimate_activation_bytes(
-    model_config: Any, tokens: int, gradient_checkpointing: bool, sequence_length: int
+    model_config: Any, tokens: int, gradient_checkpointing: bool, sequence_length: int, padding_free: bool = True
 ) -> int:
-    """fp32 tensors kept for backward, per token: ~(10 hidden + 4 intermediate) per layer, the attention scores
-    and probabilities (heads x sequence length, eager/math attention on CPU), plus logits and their gradient."""
+    """fp32 tensors kept for backward, per token: ~(10 hidden + 4 intermediate) per layer; with padded batches
+    also the attention scores and probabilities (heads x sequence length; padding-free rows use the fused kernel,
+    which keeps neither). Logits: one chunk of the chunked head + loss, its softmax and gradient (training/loss.py)."""
     hidden, inter, layers = model_config.hidden_size, model_config.intermediate_size, model_config.num_hidden_layers
-    per_layer = (10 * hidden + 4 * inter + 2 * model_config.num_attention_heads * sequence_length) * 4
+    scores = 0 if padding_free else 2 * model_config.num_attention_heads * sequence_length
+    per_layer = (10 * hidden + 4 * inter + scores) * 4
     kept_layers = 1 if gradient_checkpointing else layers
     checkpoints = layers * hidden * 4 if gradient_checkpointing else 0
-    logits = 2 * model_config.vocab_size * 4
-    return int(tokens * (kept_layers * per_layer + checkpoints + logits))
+    return int(tokens * (kept_layers * per_layer + checkpoints) + 2 * CHUNK_LOGITS_BYTES)
 
 
 def estimate_dropout_bytes(model_config: Any, tokens: int, config: Config) -> int:
@@ -105,7 +107,7 @@ def estimate_memory(
     targets, unknown = lora_targets(model_config, config.lora.target_modules)
     adapter = count_lora_parameters(model_config, config.lora.r, config.lora.target_modules)
     gc_on = config.train.gradient_checkpointing
-    activations = estimate_activation_bytes(model_config, micro_batch_tokens, gc_on, length)
+    activations = estimate_activation_bytes(model_config, micro_batch_tokens, gc_on, length, config.train.padding_free)
     adapter_activations = activations + estimate_dropout_bytes(model_config, micro_batch_tokens, config)
     base_bytes = 4 if config.model.dtype in ("fp32", "auto") else 2
     loading = params["total"] * (checkpoint_bytes_per_parameter(model_config) + base_bytes)

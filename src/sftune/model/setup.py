@@ -8,6 +8,7 @@ import torch
 
 from sftune.config import Config
 from sftune.data.templates import ChatTemplate, install_template, resolve_template
+from sftune.model.attention import ATTENTION
 from sftune.model.load import load_model, load_tokenizer, resolve_model_path
 from sftune.model.lora import prepare_model
 
@@ -27,12 +28,15 @@ def setup_tokenizer(config: Config) -> tuple[Any, ChatTemplate]:
 def setup_model(config: Config, tokenizer: Any, device: torch.device, precision: str) -> Any:
     """Load the model, grow its embeddings for tokens the template added, and prepare it for full/LoRA/QLoRA."""
     dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    # Padding-free rows need attention that stays within each example: the segment attention does it without a mask.
+    attention = ATTENTION if config.train.padding_free else "sdpa"
     model: Any = load_model(
         resolve_model_path(config.model.name_or_path),
         dtype,
         device,
         config.model.trust_remote_code,
         config.model.revision,
+        attention,
     )
     base_vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > base_vocab:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sftune.config import Config
-from sftune.data.batching import accumulation_windows, collate, window_micro_batches
+from sftune.data.batching import accumulation_windows, make_batch, window_micro_batches
 from sftune.model.setup import setup_model, setup_tokenizer
 from sftune.training.checkpoint import save_checkpoint
 from sftune.training.data import setup_data
@@ -57,7 +57,7 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
 
     def validate() -> float:
         """Validation loss, and the sample replies to watch (eval.sample_prompts)."""
-        loss = evaluate_and_log(loss_sum, data.validation, cfg.micro_batch_size, pad_id, device, autocast, log, state)
+        loss = evaluate_and_log(loss_sum, data.validation, cfg, pad_id, device, autocast, log, state)
         max_tokens = config.eval.sample_max_new_tokens
         log_samples(model, tokenizer, data.validation_prompts, stop_ids, max_tokens, state, run_dir)
         return loss
@@ -74,7 +74,7 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
             cfg.gradient_accumulation_steps,
             config.data.shuffle,
         )
-        batches = [collate([data.train[i] for i in idx], pad_id).to(device) for idx in indices]
+        batches = [make_batch([data.train[i] for i in idx], pad_id, cfg.padding_free).to(device) for idx in indices]
         step_loss = backward_window(batches, loss_sum, autocast)
         tokens = sum(b.num_tokens for b in batches)
         throughput.add(tokens)

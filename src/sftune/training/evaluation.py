@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from sftune.config import TrainConfig
 from sftune.data.types import Example, Prompt
 from sftune.infer.generate import generate_replies
 from sftune.training.checkpoint import TrainerState
@@ -17,7 +18,7 @@ from sftune.training.metrics import MetricsLog, perplexity
 def evaluate_and_log(
     loss: TokenLoss,
     examples: list[Example],
-    micro_batch_size: int,
+    train: TrainConfig,
     pad_id: int,
     device: torch.device,
     autocast: Any,
@@ -25,7 +26,7 @@ def evaluate_and_log(
     state: TrainerState,
 ) -> float:
     """Validation loss per supervised token, computed exactly as the training loss; logged with its perplexity."""
-    val_loss = mean_token_loss(loss, examples, micro_batch_size, pad_id, device, autocast)
+    val_loss = mean_token_loss(loss, examples, train.micro_batch_size, pad_id, device, autocast, train.padding_free)
     log.write({"step": state.global_step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
     print(f"step {state.global_step}: validation loss {val_loss:.4f}, perplexity {perplexity(val_loss):.2f}")
     return val_loss
