@@ -60,7 +60,7 @@ import yaml
 from sftune.cli import main
 config = {
     "model": {"name_or_path": spec["model"]},
-    "data": {"train": spec["data"], "max_length": spec["max_length"], "shuffle": False, "format": "messages"},
+    "data": {"train": spec["data"], "max_length": spec["max_length"], "shuffle": False, "format": "messages", "truncation": "truncate"},
     "train": {"method": spec["method"], "learning_rate": spec["lr"], "lr_scheduler": "constant", "warmup_steps": 0,
               "warmup_ratio": 0.0, "max_steps": spec["steps"], "micro_batch_size": spec["micro_batch_size"],
               "gradient_accumulation_steps": spec["accumulation"], "precision": "fp32", "max_grad_norm": 1.0,
@@ -70,7 +70,7 @@ config = {
 }
 path = os.path.join(spec["out"] + ".yaml")
 open(path, "w").write(yaml.safe_dump(config))
-assert main(["train", path]) == 0
+assert main(["train", path, *spec.get("overrides", [])]) == 0
 records = [json.loads(l) for l in open(os.path.join(spec["out"], "metrics.jsonl")) if '"loss"' in l]
 summary = json.load(open(os.path.join(spec["out"], "data_summary.json")))
 # per step: tokens / rate = seconds; rebuild step end times from the logged rates
@@ -229,6 +229,9 @@ def main() -> None:
         "--quick", action="store_true", help="2 steps of micro-batch 2 at max length 128, once: a smoke run"
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    parser.add_argument(
+        "--sftune-override", action="append", default=[], help="dotted override for the sftune runs only, repeatable"
+    )
     args = parser.parse_args()
     if args.quick:
         args.steps, args.repeats, args.max_length, args.micro_batch_size, args.accumulation = 2, 1, 128, 2, 1
@@ -249,6 +252,7 @@ def main() -> None:
         f"data {source.name}, {args.steps} steps of micro-batch {args.micro_batch_size} x accumulation "
         f"{args.accumulation}, max length {args.max_length}, fp32, LoRA r=16 all-linear dropout 0; "
         "TRL defaults: padded batches, gradient checkpointing; sftune defaults: padding-free rows, chunked loss"
+        + (f"; sftune overrides: {' '.join(args.sftune_override)}" if args.sftune_override else "")
     )
     with tempfile.TemporaryDirectory() as tmp:
         rows = args.steps * args.micro_batch_size * args.accumulation
@@ -261,7 +265,7 @@ def main() -> None:
                         "model": model, "data": str(data), "method": method, "steps": args.steps,
                         "micro_batch_size": args.micro_batch_size, "accumulation": args.accumulation,
                         "max_length": args.max_length, "lr": 2e-4 if method == "lora" else 2e-5,
-                        "out": str(Path(tmp) / f"{tool}-{method}-{repeat}"),
+                        "out": str(Path(tmp) / f"{tool}-{method}-{repeat}"), "overrides": args.sftune_override,
                     }  # fmt: skip
                     started = time.time()
                     runs[tool].append(run_child(tool, spec))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, get_args, get_origin
@@ -231,6 +232,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = handlers[args.command](args)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 2))
+    except OSError as exc:  # I/O the user can fix: permissions, a full or read-only disk, a path that is a file
+        if os.environ.get("SFTUNE_DEBUG"):
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(
+            f"error: {exc.strerror or exc}{where}: check the path, its permissions and the free space", file=sys.stderr
+        )
         return 2
     return code if isinstance(code, int) else 0
 

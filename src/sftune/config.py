@@ -133,14 +133,25 @@ class TrainConfig(_Section):
         "examples (false: pad each example to the longest).",
     )
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
-    max_grad_norm: float | None = Field(1.0, description="Clip the global gradient norm to this (null: off).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this (null: off).")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="A step whose loss or gradient norm is NaN/inf: stop the run (keeping the last good checkpoint), "
+        "or skip that step's update and count it.",
+    )
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16-true"] = Field(
         "auto",
         description="fp32; bf16-mixed (fp32 weights, bf16 autocast); bf16-true (bf16 weights); "
         "auto = bf16-mixed where supported.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
-    seed: int = Field(42, description="Seed for data order, initialisation and dropout.")
+    memory_budget_gib: float | None = Field(
+        None,
+        gt=0,
+        description="Peak memory to stay under: where the data check's estimate for this run is above it, activation "
+        "checkpointing is switched on (and the run log says so). Null: no budget.",
+    )
+    seed: int = Field(42, ge=0, description="Seed for data order, initialisation and dropout.")
     eval_every: int | None = Field(None, gt=0, description="Validation loss every N steps (null: at the end).")
     log_every: int = Field(1, gt=0, description="Write a metrics line every N steps.")
     checkpoint_every: int | None = Field(None, gt=0, description="Save a resumable checkpoint every N steps.")
@@ -148,6 +159,14 @@ class TrainConfig(_Section):
     num_threads: int | None = Field(None, gt=0, description="torch CPU threads (null: torch's default).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train; auto = cuda if present.")
     progress: bool = Field(True, description="Show a progress bar.")
+
+    @model_validator(mode="after")
+    def _check_betas(self) -> TrainConfig:
+        if not all(0.0 <= beta < 1.0 for beta in self.adam_betas):
+            raise ValueError(
+                f"train.adam_betas must both be in [0, 1), got {list(self.adam_betas)} (e.g. [0.9, 0.999])"
+            )
+        return self
 
 
 class OutputConfig(_Section):

@@ -83,3 +83,25 @@ def test_memory_estimate_counts_only_the_modules_lora_targets():
     assert lora_targets(model_config, ["self_attn.q_proj", "c_attn"]) == (["q_proj"], ["c_attn"])
     assert memory(["c_attn"])["lora_targets_not_counted"] == ["c_attn"]
     assert count_lora_parameters(model_config, rank, ["down_proj"]) == layers * rank * (inter + hidden)
+
+
+def test_memory_budget_switches_on_activation_checkpointing_only_where_needed(capsys):
+    from sftune.model.memory import fit_memory_budget
+
+    model_config = LlamaConfig(**SMOLLM2)
+    plain = load_config({"data": {"train": "x.json"}, "train": {"method": "lora"}})
+    memory = estimate_memory(model_config, plain, micro_batch_tokens=4096)
+    checkpointed = load_config(
+        {"data": {"train": "x.json"}, "train": {"method": "lora", "gradient_checkpointing": True}}
+    )
+    memory["with_checkpointing_gib"] = {"lora": estimate_memory(model_config, checkpointed, 4096)["lora_gib"]}
+    assert memory["with_checkpointing_gib"]["lora"] < memory["lora_gib"]
+
+    def with_budget(gib):
+        return load_config({"data": {"train": "x.json"}, "train": {"method": "lora", "memory_budget_gib": gib}})
+
+    roomy = fit_memory_budget(with_budget(memory["lora_gib"] + 1), memory)
+    assert not roomy.train.gradient_checkpointing and "within" in capsys.readouterr().out
+    tight = fit_memory_budget(with_budget(memory["lora_gib"] - 0.01), memory)
+    assert tight.train.gradient_checkpointing and "activation checkpointing on" in capsys.readouterr().out
+    assert not fit_memory_budget(plain, memory).train.gradient_checkpointing  # no budget, no change

@@ -109,6 +109,7 @@ class PreparedData:
     rows_in: int
     formats: dict[str, int] = field(default_factory=dict)
     validation_prompts: list[Prompt] = field(default_factory=list)  # for sample generations
+    memory: dict[str, Any] | None = None  # the data check's memory estimate (model/memory.py)
     train_rows: int | None = None  # rows behind `train` (fewer than examples where rows were expanded per turn)
     validation_rows: int | None = None
 

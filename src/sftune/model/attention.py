@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION = "sftune_segments"
@@ -39,8 +39,7 @@ def segment_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    grouped = getattr(module, "num_key_value_groups", 1) > 1  # GQA in the kernel: no repeated copies of k and v
     bounds = cu_seq_lens_q.tolist()
     outputs = [
         F.scaled_dot_product_attention(
@@ -50,6 +49,7 @@ def segment_attention(
             dropout_p=dropout,
             scale=scaling,
             is_causal=True,
+            enable_gqa=grouped,
         )
         for start, end in zip(bounds[:-1], bounds[1:], strict=True)
         if end > start

@@ -151,3 +151,21 @@ def load_model_config(path: str) -> Any | None:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError):
         return None
+
+
+def fit_memory_budget(config: Config, memory: dict[str, Any] | None) -> Config:
+    """The config to train with: activation checkpointing switched on where the estimate for this run is above
+    train.memory_budget_gib (said in the run log, as is a budget that even checkpointing does not meet)."""
+    budget, method = config.train.memory_budget_gib, config.train.method
+    if budget is None or memory is None or config.train.gradient_checkpointing:
+        return config
+    estimate, checkpointed = memory[f"{method}_gib"], memory["with_checkpointing_gib"][method]
+    if estimate <= budget:
+        print(f"memory: estimate {estimate:.2f} GiB is within train.memory_budget_gib={budget}")
+        return config
+    print(
+        f"memory: estimate {estimate:.2f} GiB > train.memory_budget_gib={budget}: activation checkpointing on "
+        f"(estimate {checkpointed:.2f} GiB)"
+        + ("" if checkpointed <= budget else "; still above the budget: lower micro_batch_size or data.max_length")
+    )
+    return config.model_copy(update={"train": config.train.model_copy(update={"gradient_checkpointing": True})})

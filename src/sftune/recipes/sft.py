@@ -10,6 +10,7 @@ from pathlib import Path
 
 from sftune.config import Config
 from sftune.data.batching import accumulation_windows, make_batch, window_micro_batches
+from sftune.model.memory import fit_memory_budget
 from sftune.model.setup import setup_model, setup_tokenizer
 from sftune.training.checkpoint import save_checkpoint
 from sftune.training.data import setup_data
@@ -19,6 +20,7 @@ from sftune.training.metrics import MetricsLog, Throughput, log_step, progress_b
 from sftune.training.optim import build_optimizer, build_scheduler
 from sftune.training.outputs import save_outputs
 from sftune.training.run import (
+    StopRequest,
     TrainResult,
     advance,
     autocast_context,
@@ -28,7 +30,7 @@ from sftune.training.run import (
     setup_device,
     setup_run_dir,
 )
-from sftune.training.step import backward_window, clip_gradients
+from sftune.training.step import backward_window, clip_gradients, is_finite_step
 
 __all__ = ["TrainResult", "train"]
 
@@ -40,6 +42,7 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
     device, precision = setup_device(config)
     tokenizer, template = setup_tokenizer(config)
     data = setup_data(config, tokenizer, template, run_dir)
+    config = fit_memory_budget(config, data.memory)  # activation checkpointing where the estimate needs it
     model = setup_model(config, tokenizer, device, precision)
     loss_sum = TokenLoss.for_model(model)
     print(f"loss: {loss_sum.path}")
@@ -53,7 +56,7 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
     autocast = autocast_context(device, precision)
     pad_id, stop_ids = tokenizer.pad_token_id, data.end_token_ids()
     throughput, bar = Throughput(), progress_bar(total_steps, state.global_step, cfg.progress)
-    last_loss, val_loss = None, None
+    last_loss, val_loss, skipped = None, None, 0
 
     def validate() -> float:
         """Validation loss, and the sample replies to watch (eval.sample_prompts)."""
@@ -64,36 +67,48 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
 
     # -------------------------------------------------------------------------------------------- loop
     model.train()
-    while state.global_step < total_steps:
-        indices = window_micro_batches(
-            len(data.train),
-            cfg.seed,
-            state.epoch,
-            state.window,
-            cfg.micro_batch_size,
-            cfg.gradient_accumulation_steps,
-            config.data.shuffle,
-        )
-        batches = [make_batch([data.train[i] for i in idx], pad_id, cfg.padding_free).to(device) for idx in indices]
-        step_loss = backward_window(batches, loss_sum, autocast)
-        tokens = sum(b.num_tokens for b in batches)
-        throughput.add(tokens)
-        grad_norm = clip_gradients(model, cfg.max_grad_norm)
-        lr = float(scheduler.get_last_lr()[0])  # the rate this step uses
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    with StopRequest() as stop:  # SIGTERM / Ctrl-C: finish the step, checkpoint, stop
+        while state.global_step < total_steps:
+            indices = window_micro_batches(
+                len(data.train),
+                cfg.seed,
+                state.epoch,
+                state.window,
+                cfg.micro_batch_size,
+                cfg.gradient_accumulation_steps,
+                config.data.shuffle,
+            )
+            batches = [make_batch([data.train[i] for i in idx], pad_id, cfg.padding_free).to(device) for idx in indices]
+            step_loss = backward_window(batches, loss_sum, autocast)
+            tokens = sum(b.num_tokens for b in batches)
+            throughput.add(tokens)
+            grad_norm = clip_gradients(model, cfg.max_grad_norm)
+            lr = float(scheduler.get_last_lr()[0])  # the rate this step uses
+            sources = [data.train[i].source for idx in indices for i in idx]
+            if is_finite_step(step_loss, grad_norm, state.global_step + 1, sources, cfg.on_nonfinite):
+                optimizer.step()
+                scheduler.step()
+            else:
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
 
-        state = advance(state, steps_per_epoch, tokens)
-        last_loss = step_loss
-        if state.global_step % cfg.log_every == 0 or state.global_step == total_steps:
-            values = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": throughput.rate()}
-            log_step(log, bar, state.global_step, state.epoch, state.tokens_seen, values)
-        bar.update(1)
-        if data.validation and cfg.eval_every and state.global_step % cfg.eval_every == 0:
-            val_loss = validate()
-        if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
-            save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state, cfg.keep_checkpoints)
+            state = advance(state, steps_per_epoch, tokens)
+            last_loss = step_loss
+            if state.global_step % cfg.log_every == 0 or state.global_step == total_steps:
+                values = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": throughput.rate()}
+                values |= {"skipped_steps": skipped} if skipped else {}
+                log_step(log, bar, state.global_step, state.epoch, state.tokens_seen, values)
+            bar.update(1)
+            if data.validation and cfg.eval_every and state.global_step % cfg.eval_every == 0:
+                val_loss = validate()
+            if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
+                save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state, cfg.keep_checkpoints)
+            if stop.requested:
+                bar.close()
+                checkpoint = save_checkpoint(
+                    run_dir / "checkpoints", model, optimizer, scheduler, state, cfg.keep_checkpoints
+                )
+                raise stop.stop(checkpoint, state.global_step)
     bar.close()
     if data.validation and (not cfg.eval_every or state.global_step % cfg.eval_every != 0):
         val_loss = validate()

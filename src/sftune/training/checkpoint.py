@@ -1,13 +1,18 @@
 """Resumable checkpoints: trainable weights, optimizer, scheduler, RNG and data position, written atomically.
 
 Only parameters that train are saved, so the same code serves full fine-tuning and adapters; frozen weights
-come back from the base model on resume.
+come back from the base model on resume. Nothing in a checkpoint can run code: weights and RNG tensors are
+safetensors, the rest JSON, and the optimizer/scheduler state is read with `torch.load(weights_only=True)`, which
+refuses any pickled object that is not plain data. A manifest of sha256 sums, written last, lets resume verify a
+checkpoint and fall back to the newest intact one, saying which it skipped and why.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -18,7 +23,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from sftune.config import UserError
+
 CHECKPOINT_PREFIX = "step-"
+MANIFEST = "checkpoint_manifest.json"
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be trusted or used; the message says which file and why."""
 
 
 @dataclass
@@ -33,19 +45,76 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def save_rng(folder: Path) -> None:
+    """Python's and numpy's generator states as JSON, torch's (and CUDA's) as tensors in safetensors."""
+    version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, np.asarray(keys).tolist(), position, has_gauss, cached],
+    }
+    (folder / "rng.json").write_text(json.dumps(state))
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors |= {f"cuda{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())}
+    save_file(tensors, str(folder / "rng.safetensors"))
 
 
-def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def restore_rng(folder: Path) -> None:
+    state = json.loads((folder / "rng.json").read_text())
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    tensors = load_file(str(folder / "rng.safetensors"))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda{i}"] for i in range(len(tensors) - 1)]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest_last(folder: Path) -> None:
+    """sha256 of every file, written after all of them and fsynced with them: a checkpoint is complete and intact
+    exactly when its manifest exists and matches."""
+    sums = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps(sums, indent=2))
+    for path in folder.iterdir():
+        fsync(path)
+    fsync(folder)
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify_checkpoint(folder: Path) -> str:
+    """'' for an intact checkpoint, else why it cannot be trusted."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return "no manifest (an interrupted or foreign write)"
+    try:
+        sums = json.loads(manifest.read_text())
+    except (OSError, ValueError) as error:
+        return f"unreadable manifest: {error}"
+    for name, expected in sums.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if sha256_file(path) != expected:
+            return f"{name} does not match its sha256 in the manifest (damaged or altered)"
+    return ""
 
 
 def save_checkpoint(
@@ -63,12 +132,14 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
+    save_rng(tmp)
     (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+    write_manifest_last(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    prune_checkpoints(checkpoints_dir, keep)
+    fsync(checkpoints_dir)
+    prune_checkpoints(checkpoints_dir, keep, state.global_step)
     return final
 
 
@@ -79,19 +150,35 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
-def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
-    for old in list_checkpoints(checkpoints_dir)[:-keep]:
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name[len(CHECKPOINT_PREFIX) :])
+
+
+def prune_checkpoints(checkpoints_dir: Path, keep: int, current_step: int | None = None) -> None:
+    """Keep the newest `keep` checkpoints of the current history (steps up to `current_step`). Checkpoints of
+    later steps belong to a history a resume went back from: left alone (a later save of that step replaces it)."""
+    history = [c for c in list_checkpoints(checkpoints_dir) if current_step is None or step_of(c) <= current_step]
+    for old in history[:-keep]:
         shutil.rmtree(old)
 
 
 def find_resume_checkpoint(resume: str, checkpoints_dir: Path) -> Path | None:
-    """'auto' -> the newest checkpoint of this run (None if there is none); otherwise the given folder."""
+    """'auto' -> the newest intact checkpoint of this run (None if there is none), naming each newer one skipped
+    and why; otherwise the given folder, which must be intact."""
     if resume == "auto":
-        found = list_checkpoints(checkpoints_dir)
-        return found[-1] if found else None
+        for checkpoint in reversed(list_checkpoints(checkpoints_dir)):
+            problem = verify_checkpoint(checkpoint)
+            if not problem:
+                return checkpoint
+            print(f"resume: skipping {checkpoint}: {problem}")
+        return None
     path = Path(resume)
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no trainer_state.json in it)")
+    problem = verify_checkpoint(path)
+    if problem:
+        raise CheckpointError(f"--resume {resume}: {problem}; resume from another checkpoint (--resume auto picks "
+                              "the newest intact one)")  # fmt: skip
     return path
 
 
@@ -102,10 +189,15 @@ def load_checkpoint(
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights))[:5], sorted(set(weights) - expected)[:5]
-        raise ValueError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {extra}")
+        raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {extra}")
     model.load_state_dict(weights, strict=False)
-    states = torch.load(path / "optimizer.pt", weights_only=False)
+    try:  # plain data only: a pickled object that would run code is refused, never executed
+        states = torch.load(path / "optimizer.pt", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path / 'optimizer.pt'} holds more than plain tensors and numbers: refused ({error})"
+        ) from None
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
-    restore_rng(torch.load(path / "rng.pt", weights_only=False))
+    restore_rng(path)
     return TrainerState(**json.loads((path / "trainer_state.json").read_text()))

@@ -53,7 +53,7 @@ def setup_data(config: Config, tokenizer: Any, template: ChatTemplate, run_dir: 
     rows_in = report.rows_in + validation.rows_kept + len(val_rejections) + len(validation.rejections)
     # report.rejections = the train file's rows dropped on reading + the train rows its build dropped: each once.
     rejected = report.rejections + val_rejections + validation.rejections
-    data = PreparedData(report.examples, validation.examples, rejected, rows_in, formats)
+    data = PreparedData(report.examples, validation.examples, rejected, rows_in, formats, memory=report.memory)
     data.train_rows, data.validation_rows = report.rows_kept, validation.rows_kept
     data.validation_prompts = prompts_for_samples(validation_rows, config.eval.sample_prompts)
     write_rejections(run_dir / "rejected.jsonl", data.rejections)
@@ -87,7 +87,12 @@ def estimate_run_memory(config: Config, lengths: list[int]) -> dict[str, Any] | 
     model_config = load_model_config(resolve_model_path(config.model.name_or_path))
     if model_config is None:
         return None
-    return estimate_memory(model_config, config, *longest_micro_batch(lengths, config.train.micro_batch_size))
+    batch = longest_micro_batch(lengths, config.train.micro_batch_size)
+    memory = estimate_memory(model_config, config, *batch)
+    checkpointed = config.model_copy(update={"train": config.train.model_copy(update={"gradient_checkpointing": True})})
+    with_checkpointing = estimate_memory(model_config, checkpointed, *batch)
+    memory["with_checkpointing_gib"] = {m: with_checkpointing[f"{m}_gib"] for m in ("full", "lora", "qlora")}
+    return memory
 
 
 def write_data_report(report: DataReport, run_dir: Path) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import random
 import shutil
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,10 @@ def restore_state(resume: str | None, run_dir: Path, model: Any, optimizer: Any,
     """The checkpoint's weights, optimizer, scheduler, RNG and data position; step 0 when not resuming."""
     checkpoint = find_resume_checkpoint(resume, run_dir / "checkpoints") if resume else None
     if checkpoint is None:
+        if resume:  # nothing to resume from: start over, without the records of the run that crashed
+            print(f"resume: no intact checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
+            for log_name in ("metrics.jsonl", "samples.jsonl"):
+                MetricsLog(run_dir / log_name).truncate_after(0)
         return TrainerState(global_step=0, epoch=0, window=0)
     state = load_checkpoint(checkpoint, model, optimizer, scheduler)
     for log_name in ("metrics.jsonl", "samples.jsonl"):
@@ -97,3 +103,44 @@ def advance(state: TrainerState, steps_per_epoch: int, tokens: int) -> TrainerSt
     if window >= steps_per_epoch:
         window, epoch = 0, epoch + 1
     return TrainerState(state.global_step + 1, epoch, window, state.tokens_seen + tokens)
+
+
+class TrainingInterrupted(RunError):
+    """SIGTERM or SIGINT: the run stopped after a step and saved a checkpoint to resume from."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopRequest:
+    """While active, SIGTERM and SIGINT only ask the loop to stop after the current step (`requested`), so it can
+    write a checkpoint first; a second signal of the same kind stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number: int, frame: Any) -> None:
+        if self.requested == number:  # asked twice: do not wait for the step
+            raise KeyboardInterrupt
+        self.requested = number
+        print(f"\n{signal.Signals(number).name} received: stopping after this step, with a checkpoint")
+
+    def stop(self, checkpoint: Path, step: int) -> TrainingInterrupted:
+        name = signal.Signals(self.requested or signal.SIGTERM).name
+        return TrainingInterrupted(
+            f"{name}: stopped after step {step}; checkpoint {checkpoint} written. Continue with --resume auto",
+            128 + int(self.requested or signal.SIGTERM),
+        )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
 
 from sftune.data.batching import Batch
+from sftune.training.run import RunError
 
 BatchT = TypeVar("BatchT")
 
@@ -46,3 +48,24 @@ def clip_gradients(model: Any, max_norm: float | None) -> float:
     if max_norm is None:
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+class NonFiniteError(RunError):
+    """A step whose loss or gradient norm is NaN or infinite: training on would save a broken model."""
+
+
+def is_finite_step(loss: float, grad_norm: float, step: int, sources: list[str], policy: str) -> bool:
+    """True when the step may update the weights. A non-finite loss or gradient norm stops the run (policy
+    'stop', naming the step and its examples) or is skipped (policy 'skip': False, the caller drops the update)."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return True
+    what = f"step {step}: loss {loss}, gradient norm {grad_norm}"
+    shown = ", ".join(sources[:8]) + (f" and {len(sources) - 8} more" if len(sources) > 8 else "")
+    if policy == "skip":
+        print(f"{what} is not finite: update skipped (train.on_nonfinite=skip; examples {shown})")
+        return False
+    raise NonFiniteError(
+        f"{what} is not finite (examples: {shown}). Stopped before the update: the weights and the last checkpoint "
+        "are from the last finite step. Lower train.learning_rate, check the data and the model's weights, or set "
+        "train.on_nonfinite=skip to skip such steps"
+    )
