@@ -136,8 +136,8 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this (null: off).")
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop",
-        description="A step whose loss or gradient norm is NaN/inf: stop the run (keeping the last good checkpoint), "
-        "or skip that step's update and count it.",
+        description="A step whose loss or gradient norm is NaN/inf, or whose gradients are all zero under a non-zero "
+        "loss (a collapsed model): stop the run (keeping the checkpoints), or skip that step's update and count it.",
     )
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16-true"] = Field(
         "auto",

@@ -57,15 +57,21 @@ class NonFiniteError(RunError):
 def is_finite_step(loss: float, grad_norm: float, step: int, sources: list[str], policy: str) -> bool:
     """True when the step may update the weights. A non-finite loss or gradient norm stops the run (policy
     'stop', naming the step and its examples) or is skipped (policy 'skip': False, the caller drops the update)."""
-    if math.isfinite(loss) and math.isfinite(grad_norm):
+    collapsed = loss > 0 and grad_norm == 0.0  # a loss no parameter can lower: saturated, dead activations
+    if math.isfinite(loss) and math.isfinite(grad_norm) and not collapsed:
         return True
     what = f"step {step}: loss {loss}, gradient norm {grad_norm}"
+    problem = (
+        "every gradient is exactly zero while the loss is not: the model has collapsed"
+        if collapsed
+        else ("is not finite")
+    )
     shown = ", ".join(sources[:8]) + (f" and {len(sources) - 8} more" if len(sources) > 8 else "")
     if policy == "skip":
-        print(f"{what} is not finite: update skipped (train.on_nonfinite=skip; examples {shown})")
+        print(f"{what}: {problem}; update skipped (train.on_nonfinite=skip; examples {shown})")
         return False
     raise NonFiniteError(
-        f"{what} is not finite (examples: {shown}). Stopped before the update: the weights and the last checkpoint "
-        "are from the last finite step. Lower train.learning_rate, check the data and the model's weights, or set "
+        f"{what}: {problem} (examples: {shown}). Stopped before the update: no model is saved, and the checkpoints "
+        "on disk are from earlier steps. Lower train.learning_rate, check the data and the model's weights, or set "
         "train.on_nonfinite=skip to skip such steps"
     )
