@@ -132,3 +132,12 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resume_completes(tmp_
     result = train(config, resume="auto")
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
     assert result.global_step == stopped_at + 2 and steps == list(range(1, stopped_at + 3))
+
+
+def test_weights_and_checkpoints_get_the_umask_permissions(tmp_path, tiny_model_dir):
+    config = tiny_config(tmp_path, tiny_model_dir, max_steps=2, checkpoint_every=1)
+    result = train(config)
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [*result.model_dir.iterdir(), *list_checkpoints(tmp_path / "run" / "checkpoints")[-1].iterdir()]
+    assert {f.stat().st_mode & 0o777 for f in files} == {0o666 & ~mask}  # safetensors alone would write 0600

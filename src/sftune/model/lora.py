@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from sftune.config import Config, LoraConfig, UserError
 from sftune.model.load import load_model, resolve_model_path
-from sftune.model.save import save_model_folder
+from sftune.model.save import normal_permissions, save_model_folder
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_METHOD = "sftune_adapter.json"  # beside PEFT's files: whether the adapter was trained on an NF4 base
@@ -167,6 +167,7 @@ def save_adapter_folder(
     generation.pad_token_id = tokenizer.pad_token_id
     generation.save_pretrained(tmp)
     (tmp / ADAPTER_METHOD).write_text(json.dumps({"method": method, "nf4_block_size": NF4_BLOCK_SIZE}, indent=2))
+    normal_permissions(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -18,6 +18,16 @@ def generation_eos_ids(tokenizer: Any, seen_end_ids: set[int]) -> list[int]:
     return sorted(ids)
 
 
+def normal_permissions(folder: Path) -> None:
+    """Files get the permissions the umask gives any new file: safetensors writes its files 0600, which a team
+    sharing a run folder (or a server reading it as another user) cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~mask)
+
+
 def save_model_folder(model: Any, tokenizer: Any, out_dir: Path, dtype: torch.dtype, eos_ids: list[int]) -> Path:
     """Weights (safetensors), config, generation_config with every end-of-turn id, tokenizer + chat template.
 
@@ -36,6 +46,7 @@ def save_model_folder(model: Any, tokenizer: Any, out_dir: Path, dtype: torch.dt
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     model.to(original_dtype)
+    normal_permissions(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sftune.config import UserError
+from sftune.model.save import normal_permissions
 
 CHECKPOINT_PREFIX = "step-"
 MANIFEST = "checkpoint_manifest.json"
@@ -134,6 +135,7 @@ def save_checkpoint(
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     save_rng(tmp)
     (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+    normal_permissions(tmp)
     write_manifest_last(tmp)
     if final.exists():
         shutil.rmtree(final)
