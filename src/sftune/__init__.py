@@ -15,14 +15,17 @@ __version__ = "0.1.0"
 
 
 def train(
-    config: Config | dict[str, Any] | str, overrides: list[str] | None = None, resume: str | None = None
+    config: Config | dict[str, Any] | str,
+    overrides: list[str] | None = None,
+    resume: str | None = None,
+    resume_changed: bool = False,
 ) -> TrainResult:
     """Fine-tune as `sftune train` does: a Config, a dict or a YAML path, with optional dotted overrides."""
     from sftune.recipes.sft import train as run
 
     if not isinstance(config, Config) or overrides:
         config = load_config(config.model_dump() if isinstance(config, Config) else config, overrides)
-    return run(config, resume=resume)
+    return run(config, resume=resume, resume_changed=resume_changed)
 
 
 def evaluate(

@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-4")
     train.add_argument("--resume", help="'auto' (newest checkpoint of the run) or a checkpoint folder")
     train.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    train.add_argument(
+        "--resume-changed",
+        action="store_true",
+        help="resume even though the config differs from the checkpoint's in settings that break exactness",
+    )
     train.epilog = "config keys (section.key: description):\n" + describe_config()
     train.formatter_class = argparse.RawDescriptionHelpFormatter
 
@@ -143,7 +148,7 @@ def run_train(args: argparse.Namespace) -> None:
     from sftune.recipes.sft import train
 
     overrides = list(args.overrides) + (["output.overwrite=true"] if args.overwrite else [])
-    result = train(load_config(args.config, overrides), resume=args.resume)
+    result = train(load_config(args.config, overrides), resume=args.resume, resume_changed=args.resume_changed)
     print(f"done: {result.global_step} steps, final loss {result.final_loss}, model in {result.model_dir}")
 
 
@@ -218,6 +223,9 @@ def quiet_library_import_noise() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_library_import_noise()
+    for stream in (sys.stdout, sys.stderr):  # text from the data (a lone surrogate) must never stop a message
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     handlers = {
         "train": run_train,

@@ -46,6 +46,10 @@ class ModelConfig(_Section):
         "auto", description="Dtype the model is saved and run in; auto = bf16 where the CPU/GPU supports it."
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped with a hub repo (off by default).")
+    allow_pickle: bool = Field(
+        False,
+        description="Load weights from pickle files (pytorch_model.bin), which can run code; off: safetensors only.",
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
 
 
@@ -311,7 +315,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if len(path) < 2:
         raise ConfigError(f"override '{text}': name the section too, e.g. train.{key.strip()}={value}")
-    return path, yaml.safe_load(value) if value.strip() else None
+    try:
+        return path, yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({exc}); quote it if it is text") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -339,23 +346,34 @@ def load_config(source: str | Path | dict[str, Any] | None = None, overrides: li
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}): re-save it with UTF-8 encoding") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply to be a config") from None
         name = str(path)
         if isinstance(raw, dict):
             _resolve_relative_paths(raw, path.parent)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a mapping of sections (model, data, ...), got {type(raw).__name__}")
     return validate_config(apply_overrides(raw, overrides or []), name)
 
 
 def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
-    data = raw.get("data")
-    if not isinstance(data, dict):
-        return
-    for key in ("train", "validation"):
-        value = data.get(key)
-        if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
-            data[key] = str(base / value)
+    """Relative paths in a YAML file start from its folder, wherever the command runs: data files, a model
+    folder or .gguf file that exists there, and output.dir. (Command-line overrides start from the working
+    directory, as anything typed in a shell does.)"""
+    sections = {name: raw.get(name) for name in ("data", "model", "output")}
+    for section, key, must_exist in (
+        ("data", "train", True), ("data", "validation", True), ("model", "name_or_path", True), ("output", "dir", False)
+    ):  # fmt: skip
+        node = sections[section]
+        value = node.get(key) if isinstance(node, dict) else None
+        relative = isinstance(value, str) and value and not Path(value).is_absolute()
+        if relative and (not must_exist or (base / str(value)).exists()):
+            node[key] = str(base / str(value))  # type: ignore[index]
 
 
 def config_to_yaml(config: Config) -> str:

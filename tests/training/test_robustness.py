@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from sftune.config import ConfigError, load_config
 from sftune.recipes.sft import train
 from sftune.training.checkpoint import MANIFEST, CheckpointError, list_checkpoints, sha256_file
+from sftune.training.run import RunError
 from sftune.training.step import NonFiniteError
 from tests.conftest import REPO
 from tests.recipes.test_sft import tiny_config
@@ -141,3 +142,75 @@ def test_weights_and_checkpoints_get_the_umask_permissions(tmp_path, tiny_model_
     os.umask(mask)
     files = [*result.model_dir.iterdir(), *list_checkpoints(tmp_path / "run" / "checkpoints")[-1].iterdir()]
     assert {f.stat().st_mode & 0o777 for f in files} == {0o666 & ~mask}  # safetensors alone would write 0600
+
+
+def test_a_pickle_only_model_folder_is_refused_and_its_payload_does_not_run(tmp_path, tiny_model_dir):
+    import shutil
+
+    from sftune.model.load import ModelLoadError, load_model
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save(Payload(), folder / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="allow_pickle"):
+        load_model(str(folder), torch.float32, "cpu")
+    assert not marker.exists()
+
+
+def test_relative_paths_in_a_config_start_from_its_folder(tmp_path, tiny_model_dir):
+    import shutil
+
+    (tmp_path / "project" / "models").mkdir(parents=True)
+    shutil.copytree(tiny_model_dir, tmp_path / "project" / "models" / "tiny")
+    (tmp_path / "project" / "data.jsonl").write_text("{}\n")
+    (tmp_path / "project" / "run.yaml").write_text(
+        yaml.safe_dump(
+            {"model": {"name_or_path": "models/tiny"}, "data": {"train": "data.jsonl"}, "output": {"dir": "out"}}
+        )
+    )
+    config = load_config(tmp_path / "project" / "run.yaml", ["train.seed=1"])
+    assert config.model.name_or_path == str(tmp_path / "project" / "models" / "tiny")
+    assert config.data.train == str(tmp_path / "project" / "data.jsonl")
+    assert config.output.dir == str(tmp_path / "project" / "out")
+    assert load_config(tmp_path / "project" / "run.yaml", ["output.dir=elsewhere"]).output.dir == "elsewhere"
+
+
+def test_resume_refuses_a_changed_config_unless_told_and_then_uses_the_new_rate(tmp_path, tiny_model_dir):
+    config, _ = interrupted_run(tmp_path, tiny_model_dir)
+    changed = config.model_copy(deep=True)
+    changed.train.learning_rate = 0.1
+    changed.train.max_steps = 6  # training longer is no change to the run itself
+    with pytest.raises(RunError, match=r"train.learning_rate: 0.001 -> 0.1.*--resume-changed"):
+        train(changed, resume="auto")
+    longer = config.model_copy(deep=True)
+    longer.train.max_steps = 6
+    assert train(longer, resume="auto").global_step == 6  # allowed as it is
+    result = train(changed.model_copy(update={"train": changed.train.model_copy(update={"max_steps": 8})}),
+                   resume="auto", resume_changed=True)  # fmt: skip
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = {r["step"]: r["lr"] for r in records if "lr" in r}
+    assert rates[8] > 0.001  # above the old peak: the schedule now decays from 0.1
+
+
+def test_a_run_that_would_not_fit_on_disk_refuses_to_start(tmp_path, tiny_model_dir, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1024))
+    with pytest.raises(RunError, match=r"GiB free, and this run needs about"):
+        train(tiny_config(tmp_path, tiny_model_dir, max_steps=1))
+    output = tmp_path / "file-not-folder"
+    output.write_text("x")
+    config = tiny_config(tmp_path, tiny_model_dir, max_steps=1)
+    config.output.dir = str(output)
+    monkeypatch.undo()
+    with pytest.raises(RunError, match="is a file, not a folder"):
+        train(config)

@@ -193,6 +193,8 @@ def to_conversation(
                 _check_trainable(conversation.messages)
     except _RowProblem as problem:
         return Rejection(source, problem.reason, problem.detail, row)
+    except (TypeError, ValueError, AttributeError, KeyError, RecursionError) as error:  # a shape no check foresaw
+        return Rejection(source, "malformed_row", f"{type(error).__name__}: {error}", row)
     return conversation
 
 
@@ -349,7 +351,7 @@ def _sharegpt_message(turn: Any, index: int) -> Message:
         hint = ": it looks like {role, content}; set data.format to messages or auto" if "role" in turn else ""
         raise _RowProblem("missing_field", f"turn {index} has no '{missing}' (keys found: {', '.join(turn)}){hint}")
     speaker = turn["from"]
-    if speaker not in _SHAREGPT_ROLES:
+    if not isinstance(speaker, str) or speaker not in _SHAREGPT_ROLES:
         valid = ", ".join(_SHAREGPT_ROLES)
         raise _RowProblem("bad_role", f"turn {index} has from={speaker!r}; valid 'from' values: {valid}")
     content = _check_string(turn["value"], f"turn {index} value")
@@ -495,7 +497,7 @@ def _row_format(source: str, row: Any, data_config: DataConfig) -> str | Rejecti
         return data_config.format
     try:
         return detect_format(row, data_config.columns or None)
-    except DataError as error:
+    except (DataError, TypeError, ValueError, RecursionError) as error:
         return Rejection(source, "unknown_format", str(error), row)
 
 

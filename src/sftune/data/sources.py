@@ -80,6 +80,8 @@ def _parse_jsonl(text: str, path: Path) -> list[tuple[str, Any]]:
                 f"{path}:{line_number}: line {line_number}, column {exc.colno} is not valid JSON ({exc.msg}): "
                 "each line of a .jsonl file must be one complete JSON object; fix or delete that line"
             ) from None
+        except RecursionError:
+            raise DataError(f"{path}:{line_number}: line {line_number} is nested too deeply to read") from None
         if not isinstance(row, dict):
             raise DataError(
                 f"{path}:{line_number}: line {line_number} is a JSON {_json_type(row)}, not an object: "
@@ -92,6 +94,8 @@ def _parse_jsonl(text: str, path: Path) -> list[tuple[str, Any]]:
 def _parse_json(text: str, path: Path) -> list[tuple[str, Any]]:
     try:
         document = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{path}: the JSON is nested too deeply to read") from None
     except json.JSONDecodeError as exc:
         raise DataError(
             f"{path}:{exc.lineno}: line {exc.lineno}, column {exc.colno} is not valid JSON ({exc.msg})"

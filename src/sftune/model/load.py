@@ -298,10 +298,13 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
     attn_implementation: str = "sdpa",
+    allow_pickle: bool = False,
 ) -> PreTrainedModel:
     """The causal LM of anything `resolve_model_path` accepts, in `dtype` with sdpa attention (or the given
-    implementation), on `device`."""
+    implementation), on `device`. Weights from safetensors only unless `allow_pickle` (a pickle can run code)."""
     resolved = resolve_model_path(path)
+    if allow_pickle:
+        logger.warning("model.allow_pickle=true: weights may be read from pickle files, which can run code")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             resolved,
@@ -309,9 +312,23 @@ def load_model(
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
             revision=revision,
+            use_safetensors=None if allow_pickle else True,
         )
     except OSError as exc:
+        if not allow_pickle and Path(resolved).is_dir() and not any(Path(resolved).glob("*.safetensors")):
+            raise ModelLoadError(
+                f"'{resolved}' holds no .safetensors weights, only pickle files (e.g. pytorch_model.bin), which can "
+                "run code when loaded: convert the model to safetensors, or set model.allow_pickle=true if you trust "
+                "where it came from"
+            ) from None
         raise _load_error("model", resolved, exc) from exc
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelLoadError(
+                f"'{resolved}' needs code shipped with the model to load (trust_remote_code), which sftune does not "
+                "run by default: read that code, then set model.trust_remote_code=true if you trust it"
+            ) from None
+        raise
     # transformers wraps `to` with functools.wraps(nn.Module.to), which mypy reads as an unbound method
     return model.to(device)  # type: ignore[arg-type]
 

@@ -37,6 +37,7 @@ def setup_model(config: Config, tokenizer: Any, device: torch.device, precision:
         config.model.trust_remote_code,
         config.model.revision,
         attention,
+        config.model.allow_pickle,
     )
     base_vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > base_vocab:

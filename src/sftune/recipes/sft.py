@@ -24,8 +24,10 @@ from sftune.training.run import (
     TrainResult,
     advance,
     autocast_context,
+    check_free_space,
     count_total_steps,
     restore_state,
+    resume_fingerprint,
     seed_everything,
     setup_device,
     setup_run_dir,
@@ -35,7 +37,7 @@ from sftune.training.step import backward_window, clip_gradients, is_finite_step
 __all__ = ["TrainResult", "train"]
 
 
-def train(config: Config, resume: str | None = None) -> TrainResult:
+def train(config: Config, resume: str | None = None, resume_changed: bool = False) -> TrainResult:
     # ------------------------------------------------------------------------------------------- setup
     run_dir = setup_run_dir(config, resume)
     seed_everything(config.train.seed)
@@ -44,12 +46,14 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
     data = setup_data(config, tokenizer, template, run_dir)
     config = fit_memory_budget(config, data.memory)  # activation checkpointing where the estimate needs it
     model = setup_model(config, tokenizer, device, precision)
+    check_free_space(run_dir, model, config)
     loss_sum = TokenLoss.for_model(model)
     print(f"loss: {loss_sum.path}")
     optimizer = build_optimizer(list(model.named_parameters()), config.train)
     total_steps = count_total_steps(config, len(data.train))
     scheduler = build_scheduler(optimizer, config.train, total_steps)
-    state = restore_state(resume, run_dir, model, optimizer, scheduler)
+    state = restore_state(resume, run_dir, model, optimizer, scheduler, config, resume_changed)
+    saved_config = resume_fingerprint(config)  # goes into every checkpoint: a resume compares against it
 
     cfg, log = config.train, MetricsLog(run_dir / "metrics.jsonl")
     steps_per_epoch = accumulation_windows(len(data.train), cfg.micro_batch_size, cfg.gradient_accumulation_steps)
@@ -102,11 +106,12 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
             if data.validation and cfg.eval_every and state.global_step % cfg.eval_every == 0:
                 val_loss = validate()
             if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
-                save_checkpoint(run_dir / "checkpoints", model, optimizer, scheduler, state, cfg.keep_checkpoints)
+                checkpoints, keep = run_dir / "checkpoints", cfg.keep_checkpoints
+                save_checkpoint(checkpoints, model, optimizer, scheduler, state, keep, saved_config)
             if stop.requested:
                 bar.close()
                 checkpoint = save_checkpoint(
-                    run_dir / "checkpoints", model, optimizer, scheduler, state, cfg.keep_checkpoints
+                    run_dir / "checkpoints", model, optimizer, scheduler, state, cfg.keep_checkpoints, saved_config
                 )
                 raise stop.stop(checkpoint, state.global_step)
     bar.close()

@@ -125,8 +125,10 @@ def save_checkpoint(
     scheduler: Any,
     state: TrainerState,
     keep: int,
+    config: dict[str, Any] | None = None,
 ) -> Path:
-    """Write into a temporary folder, then rename: a crash never leaves a checkpoint that looks complete."""
+    """Write into a temporary folder, then rename: a crash never leaves a checkpoint that looks complete. The run's
+    resolved config goes with it, so a resume can tell what changed."""
     final = checkpoints_dir / f"{CHECKPOINT_PREFIX}{state.global_step:08d}"
     tmp = checkpoints_dir / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -135,6 +137,8 @@ def save_checkpoint(
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     save_rng(tmp)
     (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+    if config is not None:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
     normal_permissions(tmp)
     write_manifest_last(tmp)
     if final.exists():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import shutil
 import signal
@@ -18,6 +19,7 @@ from sftune.config import Config, UserError, config_to_yaml
 from sftune.data.batching import accumulation_windows
 from sftune.model.load import bf16_supported, resolve_device
 from sftune.training.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint
+from sftune.training.manifest import sha256_of
 from sftune.training.metrics import MetricsLog
 
 
@@ -38,6 +40,8 @@ class TrainResult:
 def setup_run_dir(config: Config, resume: str | None) -> Path:
     """An existing, non-empty run folder is only reused to resume, or replaced with output.overwrite."""
     run_dir = Path(config.output.dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"output.dir '{run_dir}' is a file, not a folder: choose another output.dir")
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         if not config.output.overwrite:
             raise RunError(
@@ -48,6 +52,23 @@ def setup_run_dir(config: Config, resume: str | None) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config_to_yaml(config))
     return run_dir
+
+
+def check_free_space(run_dir: Path, model: Any, config: Config) -> None:
+    """Refuse to start a run whose first checkpoint and final model would not fit on the output disk: finding out
+    after hours of training loses them."""
+    parameters = list(model.parameters())
+    trainable = sum(p.numel() for p in parameters if p.requires_grad)
+    total = sum(p.numel() for p in parameters)
+    checkpoint = trainable * 4 * 3 if config.train.checkpoint_every else 0  # fp32 weights + 2 AdamW states
+    final = (total if config.train.method == "full" else trainable) * 4
+    needed = int((checkpoint * 2 + final) * 1.1)  # a checkpoint is written beside the previous one, then renamed
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise RunError(
+            f"the output disk of '{run_dir}' has {free / 2**30:.2f} GiB free, and this run needs about "
+            f"{needed / 2**30:.2f} GiB for its checkpoints and final model: free space, or choose another output.dir"
+        )
 
 
 def seed_everything(seed: int) -> None:
@@ -81,8 +102,50 @@ def count_total_steps(config: Config, num_examples: int) -> int:
     return max(1, round(cfg.epochs * per_epoch))
 
 
-def restore_state(resume: str | None, run_dir: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainerState:
-    """The checkpoint's weights, optimizer, scheduler, RNG and data position; step 0 when not resuming."""
+# What a resume may change without breaking exactness (how long to train, how often to log, where output goes);
+# anything else (data, template, model, adapters, seed, batch geometry, optimizer settings) needs --resume-changed.
+RESUME_FREE_KEYS = {
+    "train": {"max_steps", "epochs", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every",
+              "num_threads", "device", "memory_budget_gib"},
+    "output": {"dir", "overwrite", "save_dtype"},
+    "eval": None,  # the whole section
+    "generate": None,
+    "data": {"train", "validation"},  # the paths: their content is compared through data_sha256
+}  # fmt: skip
+
+
+def resume_fingerprint(config: Config) -> dict[str, Any]:
+    """What a checkpoint records to compare a resume against: the resolved config and the data files' sha256."""
+    files = {"train": sha256_of(config.data.train), "validation": sha256_of(config.data.validation)}
+    return {**config.model_dump(mode="json"), "data_sha256": files}
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """'section.key: old -> new' for every setting that differs and matters to an exact resume."""
+    changes = []
+    for section in sorted(set(old) | set(new)):
+        free = RESUME_FREE_KEYS.get(section, set())
+        if free is None:
+            continue
+        before, after = old.get(section) or {}, new.get(section) or {}
+        for key in sorted(set(before) | set(after)):
+            if key not in free and before.get(key) != after.get(key):
+                changes.append(f"{section}.{key}: {before.get(key)!r} -> {after.get(key)!r}")
+    return changes
+
+
+def restore_state(
+    resume: str | None,
+    run_dir: Path,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    config: Config | None = None,
+    allow_changes: bool = False,
+) -> TrainerState:
+    """The checkpoint's weights, optimizer, scheduler, RNG and data position; step 0 when not resuming. A config
+    that differs from the checkpoint's in a way that breaks exactness is refused unless `allow_changes`; then the
+    new optimizer settings (learning rate, betas, weight decay) are the ones used from here on, as recorded."""
     checkpoint = find_resume_checkpoint(resume, run_dir / "checkpoints") if resume else None
     if checkpoint is None:
         if resume:  # nothing to resume from: start over, without the records of the run that crashed
@@ -90,11 +153,42 @@ def restore_state(resume: str | None, run_dir: Path, model: Any, optimizer: Any,
             for log_name in ("metrics.jsonl", "samples.jsonl"):
                 MetricsLog(run_dir / log_name).truncate_after(0)
         return TrainerState(global_step=0, epoch=0, window=0)
+    changes = resumed_config_changes(checkpoint, config)
+    if changes and not allow_changes:
+        raise RunError(
+            f"resuming from {checkpoint} with a different config: {'; '.join(changes)}. The run would no longer be "
+            "the one the checkpoint belongs to: resume with the same settings, or pass --resume-changed to go on "
+            "with the new ones (they are recorded in config.yaml and manifest.json)"
+        )
     state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    if changes and config is not None:
+        print(f"resume: going on with changed settings (--resume-changed): {'; '.join(changes)}")
+        apply_optimizer_settings(optimizer, scheduler, config)
     for log_name in ("metrics.jsonl", "samples.jsonl"):
         MetricsLog(run_dir / log_name).truncate_after(state.global_step)
     print(f"resumed from {checkpoint} at step {state.global_step} (epoch {state.epoch}, window {state.window})")
     return state
+
+
+def resumed_config_changes(checkpoint: Path, config: Config | None) -> list[str]:
+    saved = checkpoint / "config.json"
+    if config is None or not saved.is_file():
+        return []
+    return config_changes(json.loads(saved.read_text()), resume_fingerprint(config))
+
+
+def apply_optimizer_settings(optimizer: Any, scheduler: Any, config: Config) -> None:
+    """The new peak learning rate, betas and weight decay from here on (the checkpoint restored the old ones)."""
+    cfg = config.train
+    scheduler.base_lrs = [cfg.learning_rate for _ in optimizer.param_groups]
+    rates = [
+        base * factor(scheduler.last_epoch)
+        for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+    ]
+    for index, (group, rate) in enumerate(zip(optimizer.param_groups, rates, strict=True)):
+        group["lr"], group["initial_lr"], group["betas"] = rate, cfg.learning_rate, tuple(cfg.adam_betas)
+        group["weight_decay"] = cfg.weight_decay if index == 0 else 0.0  # group 0: the matrices (optim.py)
+    scheduler._last_lr = rates
 
 
 def advance(state: TrainerState, steps_per_epoch: int, tokens: int) -> TrainerState:
