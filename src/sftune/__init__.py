@@ -10,7 +10,17 @@ from sftune.config import Config, ConfigError, EvalConfig, GenerateConfig, UserE
 if TYPE_CHECKING:
     from sftune.training.run import TrainResult
 
-__all__ = ["Config", "ConfigError", "EvalConfig", "GenerateConfig", "UserError", "evaluate", "load_config", "train"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "EvalConfig",
+    "GenerateConfig",
+    "UserError",
+    "evaluate",
+    "load_config",
+    "train",
+    "train_dpo",
+]
 __version__ = "0.1.0"
 
 
@@ -23,9 +33,25 @@ def train(
     """Fine-tune as `sftune train` does: a Config, a dict or a YAML path, with optional dotted overrides."""
     from sftune.recipes.sft import train as run
 
-    if not isinstance(config, Config) or overrides:
-        config = load_config(config.model_dump() if isinstance(config, Config) else config, overrides)
-    return run(config, resume=resume, resume_changed=resume_changed)
+    return run(_as_config(config, overrides), resume=resume, resume_changed=resume_changed)
+
+
+def train_dpo(
+    config: Config | dict[str, Any] | str,
+    overrides: list[str] | None = None,
+    resume: str | None = None,
+    resume_changed: bool = False,
+) -> TrainResult:
+    """Preference optimisation as `sftune dpo` does: a Config, a dict or a YAML path, with optional overrides."""
+    from sftune.recipes.dpo import train_dpo as run
+
+    return run(_as_config(config, overrides), resume=resume, resume_changed=resume_changed)
+
+
+def _as_config(config: Config | dict[str, Any] | str, overrides: list[str] | None) -> Config:
+    if isinstance(config, Config) and not overrides:
+        return config
+    return load_config(config.model_dump() if isinstance(config, Config) else config, overrides)
 
 
 def evaluate(

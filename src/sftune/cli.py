@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.epilog = "config keys (section.key: description):\n" + describe_config()
     train.formatter_class = argparse.RawDescriptionHelpFormatter
 
+    dpo = commands.add_parser("dpo", help="preference optimisation (DPO, IPO, SimPO) from a YAML config")
+    dpo.add_argument("config", help="YAML config file (data.train: preference pairs; the dpo: section)")
+    dpo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.2")
+    dpo.add_argument("--resume", help="'auto' (newest checkpoint of the run) or a checkpoint folder")
+    dpo.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    dpo.add_argument("--resume-changed", action="store_true", help="resume even though the config changed")
+
     generate = commands.add_parser("generate", help="generate a reply with the template saved at training")
     generate.add_argument("model", help="run folder, model folder, .gguf file or named model")
     source = generate.add_mutually_exclusive_group(required=True)
@@ -152,6 +159,14 @@ def run_train(args: argparse.Namespace) -> None:
     print(f"done: {result.global_step} steps, final loss {result.final_loss}, model in {result.model_dir}")
 
 
+def run_dpo(args: argparse.Namespace) -> None:
+    from sftune.recipes.dpo import train_dpo
+
+    overrides = list(args.overrides) + (["output.overwrite=true"] if args.overwrite else [])
+    result = train_dpo(load_config(args.config, overrides), resume=args.resume, resume_changed=args.resume_changed)
+    print(f"done: {result.global_step} steps, final loss {result.final_loss}, model in {result.model_dir}")
+
+
 def run_generate(args: argparse.Namespace) -> None:
     from sftune.recipes.generate import generate, generate_to_file
 
@@ -229,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
         "train": run_train,
+        "dpo": run_dpo,
         "generate": run_generate,
         "chat": run_chat,
         "eval": run_eval,

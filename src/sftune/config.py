@@ -225,6 +225,22 @@ class EvalConfig(SamplingConfig):
         return self
 
 
+class DPOConfig(_Section):
+    """`sftune dpo`: preference optimisation after SFT."""
+
+    loss: Literal["sigmoid", "ipo", "simpo"] = Field(
+        "sigmoid", description="sigmoid (DPO), ipo, or simpo (reference-free, length-normalised)."
+    )
+    beta: float = Field(0.1, gt=0, description="Strength of the preference (DPO/IPO temperature; SimPO scale).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO: assumed share of flipped labels.")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin.")
+    reference: Literal["auto", "adapter_off", "precomputed"] = Field(
+        "auto",
+        description="Reference log-probs: auto = the same model with the adapter off (LoRA/QLoRA) or precomputed once "
+        "and cached (full); precomputed works for both.",
+    )
+
+
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Which model to fine-tune.")
     data: DataConfig = Field(..., description="Where the data is and how to read it.")
@@ -234,6 +250,7 @@ class Config(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and sample generations.")
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="`sftune generate` and `chat`.")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="Preference optimisation (`sftune dpo`).")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Config:

@@ -278,6 +278,16 @@ def parse_turns(row: Mapping[str, Any], source: str) -> list[Message] | Rejectio
         return Rejection(source, problem.reason, problem.detail, row)
 
 
+def to_message(turn: Any, index: int) -> Message:
+    """One turn in either shape ({role, content} or ShareGPT {from, value}); a bad turn raises RowProblem."""
+    if isinstance(turn, Mapping) and "from" in turn:
+        return _sharegpt_message(turn, index)
+    return _openai_message(turn, index)
+
+
+RowProblem = _RowProblem  # public name: raised by to_message, carries a stable `reason`
+
+
 # ---------------------------------------------------------------- pieces of a conversation
 
 

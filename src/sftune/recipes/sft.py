@@ -32,7 +32,7 @@ from sftune.training.run import (
     setup_device,
     setup_run_dir,
 )
-from sftune.training.step import backward_window, clip_gradients, is_finite_step
+from sftune.training.step import backward_window, optimizer_step
 
 __all__ = ["TrainResult", "train"]
 
@@ -86,15 +86,11 @@ def train(config: Config, resume: str | None = None, resume_changed: bool = Fals
             step_loss = backward_window(batches, loss_sum, autocast)
             tokens = sum(b.num_tokens for b in batches)
             throughput.add(tokens)
-            grad_norm = clip_gradients(model, cfg.max_grad_norm)
-            lr = float(scheduler.get_last_lr()[0])  # the rate this step uses
             sources = [data.train[i].source for idx in indices for i in idx]
-            if is_finite_step(step_loss, grad_norm, state.global_step + 1, sources, cfg.on_nonfinite):
-                optimizer.step()
-                scheduler.step()
-            else:
-                skipped += 1
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr, updated = optimizer_step(
+                model, optimizer, scheduler, cfg, step_loss, state.global_step + 1, sources
+            )
+            skipped += not updated
 
             state = advance(state, steps_per_epoch, tokens)
             last_loss = step_loss

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from sftune.config import TrainConfig
 from sftune.data.batching import Batch
 from sftune.training.run import RunError
 
@@ -75,3 +76,17 @@ def is_finite_step(loss: float, grad_norm: float, step: int, sources: list[str],
         "on disk are from earlier steps. Lower train.learning_rate, check the data and the model's weights, or set "
         "train.on_nonfinite=skip to skip such steps"
     )
+
+
+def optimizer_step(
+    model: Any, optimizer: Any, scheduler: Any, cfg: TrainConfig, loss: float, step: int, sources: list[str]
+) -> tuple[float, float, bool]:
+    """Clip, check health, update, clear: (gradient norm, the learning rate this step used, whether it updated)."""
+    grad_norm = clip_gradients(model, cfg.max_grad_norm)
+    lr = float(scheduler.get_last_lr()[0])
+    updated = is_finite_step(loss, grad_norm, step, sources, cfg.on_nonfinite)
+    if updated:
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr, updated

@@ -1,0 +1,154 @@
+"""Preference losses (DPO, IPO, SimPO) on pairs whose chosen and rejected branches share one forward pass.
+
+A micro-batch of n pairs is one padding-free row: the n chosen examples, then the n rejected ones (each attending
+only to itself). A sequence's log-probability is the sum of its response tokens' log-probabilities (the labels of
+the SFT mask: the response and its end-of-turn token, never the prompt). The reference is the same model with the
+adapter switched off (LoRA/QLoRA) or log-probabilities computed once before training; no second model copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sftune.config import DPOConfig
+from sftune.data.batching import Batch, collate_packed
+from sftune.data.preference import PairExample
+from sftune.data.types import IGNORE_INDEX
+from sftune.training.loss import TokenLoss
+
+
+@dataclass
+class PairBatch:
+    batch: Batch  # one row: chosen examples, then rejected examples
+    num_pairs: int
+    sources: list[str]
+    reference: torch.Tensor | None = None  # [2 * pairs]: reference log-probs, chosen then rejected
+
+
+def make_pair_batch(pairs: list[PairExample], reference: list[tuple[float, float]] | None = None) -> PairBatch:
+    examples = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    ref = None
+    if reference is not None:
+        ref = torch.tensor([r[0] for r in reference] + [r[1] for r in reference], dtype=torch.float32)
+    return PairBatch(collate_packed(examples), len(pairs), [p.source for p in pairs], ref)
+
+
+def sequence_logps(loss: TokenLoss, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of response-token log-probs, number of response tokens) per example of a padding-free row."""
+    assert batch.cu_seq_lens is not None, "preference batches are padding-free rows"
+    targets = batch.labels[0, 1:]  # [seq-1]
+    keep = targets != IGNORE_INDEX
+    if loss.body is None:
+        logits = loss.model(**batch.model_inputs(), use_cache=False).logits[0, :-1][keep]
+    else:
+        hidden = loss.body(**batch.model_inputs(), use_cache=False)[0][0, :-1][keep]  # [supervised, hidden]
+        logits = loss.head(hidden)
+    token_logps = -F.cross_entropy(logits.float(), targets[keep], reduction="none")  # [supervised]
+    # Target position t belongs to the example whose [start, end) holds t + 1.
+    positions = torch.nonzero(keep).squeeze(1) + 1
+    owner = torch.bucketize(positions, batch.cu_seq_lens[1:].to(positions.device), right=True)
+    examples = len(batch.cu_seq_lens) - 1
+    sums = torch.zeros(examples, device=token_logps.device).index_add(0, owner, token_logps)
+    counts = torch.zeros(examples, device=token_logps.device).index_add(0, owner, torch.ones_like(token_logps))
+    return sums, counts
+
+
+def preference_loss(
+    policy: torch.Tensor, reference: torch.Tensor | None, counts: torch.Tensor, cfg: DPOConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pair losses and metrics from [2n] policy/reference log-probs (chosen then rejected)."""
+    n = policy.shape[0] // 2
+    chosen, rejected = policy[:n], policy[n:]
+    if cfg.loss == "simpo":  # reference-free, length-normalised
+        average = policy / counts.clamp(min=1)
+        logits = cfg.beta * (average[:n] - average[n:]) - cfg.simpo_gamma
+        losses = -F.logsigmoid(logits)
+        chosen_rewards, rejected_rewards = cfg.beta * average[:n].detach(), cfg.beta * average[n:].detach()
+    else:
+        assert reference is not None, "DPO and IPO need reference log-probs"
+        ref_chosen, ref_rejected = reference[:n], reference[n:]
+        if cfg.loss == "ipo":  # on length-averaged log-probs, as in the IPO paper and TRL
+            ratio = (chosen - ref_chosen) / counts[:n].clamp(min=1) - (rejected - ref_rejected) / counts[n:].clamp(
+                min=1
+            )
+            losses = (ratio - 1 / (2 * cfg.beta)) ** 2
+        else:
+            logits = cfg.beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+            smoothing = cfg.label_smoothing
+            losses = -F.logsigmoid(logits) * (1 - smoothing) - F.logsigmoid(-logits) * smoothing
+        chosen_rewards = cfg.beta * (chosen - ref_chosen).detach()
+        rejected_rewards = cfg.beta * (rejected - ref_rejected).detach()
+    metrics = {
+        "rewards_chosen": chosen_rewards,
+        "rewards_rejected": rejected_rewards,
+        "reward_accuracy": (chosen_rewards > rejected_rewards).float(),
+        "reward_margin": chosen_rewards - rejected_rewards,
+        "logps_chosen": chosen.detach(),
+        "logps_rejected": rejected.detach(),
+    }
+    return losses, metrics
+
+
+@dataclass
+class PreferenceLoss:
+    """Summed per-pair loss of a PairBatch (backward_window divides by the window's pairs); metrics accumulate."""
+
+    loss: TokenLoss
+    cfg: DPOConfig
+    adapter_reference: bool
+    totals: dict[str, float] = field(default_factory=dict)
+    pairs: int = 0
+
+    def __call__(self, pair_batch: PairBatch) -> torch.Tensor:
+        policy, counts = sequence_logps(self.loss, pair_batch.batch)
+        reference = pair_batch.reference
+        if reference is None and self.cfg.loss != "simpo":
+            reference = self.reference_logps(pair_batch.batch)
+        reference = None if reference is None else reference.to(policy.device)
+        losses, metrics = preference_loss(policy, reference, counts, self.cfg)
+        for name, values in metrics.items():
+            self.totals[name] = self.totals.get(name, 0.0) + float(values.sum())
+        self.pairs += pair_batch.num_pairs
+        return losses.sum()
+
+    @torch.no_grad()
+    def reference_logps(self, batch: Batch) -> torch.Tensor:
+        """The same model with its adapter switched off: the frozen base, no second copy."""
+        if not self.adapter_reference:
+            raise ValueError("no reference log-probs for this batch: precompute them (dpo.reference=precomputed)")
+        with self.loss.model.disable_adapter():
+            return sequence_logps(self.loss, batch)[0]
+
+    def window_metrics(self) -> dict[str, float]:
+        """Means over the pairs since the last call."""
+        means = {name: total / max(1, self.pairs) for name, total in self.totals.items()}
+        self.totals, self.pairs = {}, 0
+        return means
+
+
+def pair_count(pair_batch: PairBatch) -> int:
+    return pair_batch.num_pairs
+
+
+@torch.no_grad()
+def precompute_reference(
+    loss: TokenLoss, pairs: list[PairExample], micro_batch_size: int, device: torch.device, autocast: Any = None
+) -> list[tuple[float, float]]:
+    """(chosen, rejected) reference log-probs of every pair, in one pass before training, with the adapter off
+    where there is one."""
+    was_training = loss.model.training
+    loss.model.eval()
+    adapter_off = loss.model.disable_adapter() if hasattr(loss.model, "disable_adapter") else contextlib.nullcontext()
+    results: list[tuple[float, float]] = []
+    with adapter_off, autocast or contextlib.nullcontext():
+        for start in range(0, len(pairs), micro_batch_size):
+            chunk = pairs[start : start + micro_batch_size]
+            logps = sequence_logps(loss, make_pair_batch(chunk).batch.to(device))[0].float().cpu()
+            results += list(zip(logps[: len(chunk)].tolist(), logps[len(chunk) :].tolist(), strict=True))
+    loss.model.train(was_training)
+    return results

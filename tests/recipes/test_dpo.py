@@ -1,0 +1,148 @@
+"""DPO, IPO and SimPO: the losses by their formulas, the reference without a second model, one forward for both
+branches, a run that learns the preference, cached reference log-probs, and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sftune.config import DPOConfig, LoraConfig, load_config
+from sftune.data.batching import collate_packed
+from sftune.data.preference import build_pairs, to_pair
+from sftune.data.templates import resolve_template
+from sftune.model.load import CACHE_ENV
+from sftune.model.lora import apply_lora
+from sftune.recipes.dpo import train_dpo
+from sftune.training.loss import TokenLoss
+from sftune.training.preference import (
+    PreferenceLoss,
+    make_pair_batch,
+    precompute_reference,
+    preference_loss,
+    sequence_logps,
+)
+
+QUESTIONS = ["Say yes.", "Say ok.", "Agree?", "Confirm.", "Yes or no?", "Fine?", "Ready?", "Go?"]
+
+
+def write_pairs(path, count=8):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"prompt": q, "chosen": "Yes, done.", "rejected": "No!"} for q in (QUESTIONS * 4)[:count]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_pairs(tokenizer, count=4):
+    template = resolve_template("chatml", tokenizer)
+    pairs = [
+        to_pair({"prompt": q, "chosen": "Yes, done.", "rejected": "No!"}, f"p:{i}")
+        for i, q in enumerate(QUESTIONS[:count])
+    ]
+    built, dropped = build_pairs(pairs, tokenizer, template, 256)
+    assert not dropped
+    return built
+
+
+def test_losses_follow_their_formulas():
+    policy = torch.tensor([-3.0, -5.0, -6.0, -4.0])  # chosen (2 pairs), then rejected
+    reference = torch.tensor([-4.0, -5.0, -5.0, -4.5])
+    counts = torch.tensor([2.0, 4.0, 3.0, 5.0])
+    sigmoid, metrics = preference_loss(policy, reference, counts, DPOConfig(beta=0.1))
+    logits = 0.1 * torch.tensor([(-3 + 4) - (-6 + 5), (-5 + 5) - (-4 + 4.5)])
+    torch.testing.assert_close(sigmoid, -torch.nn.functional.logsigmoid(logits))
+    torch.testing.assert_close(metrics["rewards_chosen"], torch.tensor([0.1, 0.0]))
+    assert metrics["reward_accuracy"].tolist() == [1.0, 0.0]  # pair 2: 0.0 vs 0.05
+    ipo, _ = preference_loss(policy, reference, counts, DPOConfig(loss="ipo", beta=0.5))
+    ratio = torch.tensor([1 / 2 - (-1) / 3, 0 / 4 - 0.5 / 5])
+    torch.testing.assert_close(ipo, (ratio - 1.0) ** 2)
+    simpo, _ = preference_loss(policy, None, counts, DPOConfig(loss="simpo", beta=2.0, simpo_gamma=0.5))
+    torch.testing.assert_close(
+        simpo, -torch.nn.functional.logsigmoid(2.0 * torch.tensor([-1.5 + 2, -1.25 + 0.8]) - 0.5)
+    )
+
+
+def test_one_forward_for_both_branches_equals_separate_forwards(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    loss = TokenLoss.for_model(model)
+    pairs = tiny_pairs(tokenizer)
+    together, _ = sequence_logps(loss, make_pair_batch(pairs).batch)
+    alone = [
+        sequence_logps(loss, collate_packed([e]))[0][0] for e in [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    ]
+    torch.testing.assert_close(together, torch.stack(alone), atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_off_reference_needs_no_copy_and_starts_at_log_two(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), LoraConfig(r=4), [])
+    objective = PreferenceLoss(TokenLoss.for_model(model), DPOConfig(), adapter_reference=True)
+    pairs = tiny_pairs(tokenizer)
+    loss = objective(make_pair_batch(pairs))  # lora_B starts at zero: policy == reference
+    assert math.isclose(float(loss) / len(pairs), math.log(2), rel_tol=1e-6)
+    # Precomputed reference log-probs give the same loss as the adapter switched off on the fly.
+    reference = precompute_reference(objective.loss, pairs, 2, torch.device("cpu"))
+    torch.testing.assert_close(objective(make_pair_batch(pairs, reference)), loss)
+
+
+def dpo_config(tmp_path, model_dir, **train):
+    return load_config(
+        {
+            "model": {"name_or_path": str(model_dir)},
+            "data": {"train": str(write_pairs(tmp_path / "pairs.jsonl", 16)), "validation_fraction": 0.25},
+            "template": {"name": "chatml"},
+            "train": {"method": "lora", "micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 12,
+                      "learning_rate": 5e-3, "warmup_steps": 0, "progress": False, "precision": "fp32", **train},
+            "lora": {"r": 8, "dropout": 0.0},
+            "dpo": {"beta": 0.5},
+            "output": {"dir": str(tmp_path / "run")},
+        }
+    )  # fmt: skip
+
+
+def test_a_lora_dpo_run_learns_the_preference(tmp_path, tiny_model_dir):
+    result = train_dpo(dpo_config(tmp_path, tiny_model_dir))
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert steps[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)  # policy == reference at the start
+    assert steps[-1]["loss"] < 0.5 * steps[0]["loss"] and steps[-1]["reward_accuracy"] == 1.0
+    validation = [r for r in records if "val_reward_accuracy" in r]
+    assert validation[-1]["val_reward_accuracy"] == 1.0
+    assert (result.model_dir / "adapter_config.json").is_file()
+    counts = json.loads((result.run_dir / "data_summary.json").read_text())
+    assert counts["pairs_in"] == 16 == counts["pairs_trained"] + counts["pairs_validation"] + counts["pairs_rejected"]
+
+
+def test_full_dpo_uses_cached_reference_and_resumes_exactly(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    full = {"method": "full", "max_steps": 4, "checkpoint_every": 2, "learning_rate": 1e-3}
+    whole = train_dpo(dpo_config(tmp_path / "a", tiny_model_dir, **full))
+    assert "computing for" in capsys.readouterr().out
+    # Interrupted after step 2: the same run with only its step-2 checkpoint, resumed.
+    interrupted = dpo_config(tmp_path / "b", tiny_model_dir, **full)
+    checkpoints = interrupted.output.dir + "/checkpoints"
+    shutil.copytree(whole.run_dir / "checkpoints" / "step-00000002", checkpoints + "/step-00000002")
+    result = train_dpo(interrupted, resume="auto")
+    assert "cached" in capsys.readouterr().out  # same model, pairs and precision: not computed again
+    ours = load_file(str(result.model_dir / "model.safetensors"))
+    theirs = load_file(str(whole.model_dir / "model.safetensors"))
+    assert result.global_step == 4 and all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+
+def test_the_shipped_dpo_example_runs_from_the_cli(tmp_path, tiny_model_dir):
+    from sftune.cli import main
+    from tests.conftest import REPO
+
+    overrides = [f"model.name_or_path={tiny_model_dir}", f"output.dir={tmp_path / 'run'}", "train.max_steps=2",
+                 "template.name=chatml", "train.progress=false", "train.precision=fp32"]  # fmt: skip
+    assert main(["dpo", str(REPO / "examples" / "dpo_lora.yaml"), *overrides]) == 0
+    assert (tmp_path / "run" / "model" / "adapter_config.json").is_file()
