@@ -146,3 +146,68 @@ def test_the_shipped_dpo_example_runs_from_the_cli(tmp_path, tiny_model_dir):
                  "template.name=chatml", "train.progress=false", "train.precision=fp32"]  # fmt: skip
     assert main(["dpo", str(REPO / "examples" / "dpo_lora.yaml"), *overrides]) == 0
     assert (tmp_path / "run" / "model" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_loss_rewards_and_gradients_match_trl_dpo_trainer(tiny_model_dir, tmp_path, loss_type):
+    """Same tiny model, the same tokenized batch (TRL's own), the same beta: TRL's DPOTrainer and sftune agree."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftune.data.preference import PairExample
+    from sftune.data.types import Example
+
+    def policy_model():  # the reference model with every weight nudged: rewards are not zero
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+        return model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": r}]}
+            for q, c, r in [("Say yes.", "Yes, done.", "No!"), ("Agree?", "I agree.", "Never, ever.")]]  # fmt: skip
+    args = trl.DPOConfig(output_dir=str(tmp_path), beta=0.1, loss_type=[loss_type], per_device_train_batch_size=2,
+                         report_to="none", use_cpu=True, max_length=256)  # fmt: skip
+    reference_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    trainer = trl.DPOTrainer(model=policy_model(), ref_model=reference_model, args=args,
+                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer)  # fmt: skip
+    batch = next(iter(trainer.get_train_dataloader()))
+    trl_loss = trainer.compute_loss(trainer.model, batch)
+    trl_loss.backward()
+    trl_grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    # The same token ids and completion masks as sftune examples: labels on the completion only.
+    examples = []
+    for ids, mask, completion in zip(
+        batch["input_ids"], batch["attention_mask"], batch["completion_mask"], strict=True
+    ):
+        length = int(mask.sum())
+        ids, completion = ids[:length].tolist(), completion[:length].tolist()
+        examples.append(Example(ids, [t if c else -100 for t, c in zip(ids, completion, strict=True)]))
+    pairs = [PairExample(examples[i], examples[i + 2], f"p{i}") for i in range(2)]
+    ours = policy_model()
+    # TRL's reference log-probs (its own path) serve as sftune's precomputed reference: both sides then differ only in
+    # how they compute the policy's log-probs, the loss, the rewards and the gradients.
+    with torch.no_grad():
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        policy_logps = trainer.model(**inputs, labels=labels, fused_lm_head=True).log_probs.sum(1)
+        reference_logps = trainer.ref_model(**inputs, labels=labels, fused_lm_head=True).log_probs.sum(1)
+    reference = list(zip(reference_logps[:2].tolist(), reference_logps[2:].tolist(), strict=True))
+    ours_alone = sequence_logps(TokenLoss.for_model(policy_model()), make_pair_batch(pairs).batch)[0]
+    torch.testing.assert_close(ours_alone, policy_logps, atol=1e-4, rtol=1e-5)  # the policy's log-probs themselves
+    objective = PreferenceLoss(TokenLoss.for_model(ours), DPOConfig(loss=loss_type, beta=0.1), False)
+    our_loss = objective(make_pair_batch(pairs, reference)) / len(pairs)
+    our_loss.backward()
+    torch.testing.assert_close(our_loss, trl_loss.detach(), atol=1e-4, rtol=1e-4)
+    metrics = objective.window_metrics()
+    trl_rewards = 0.1 * (policy_logps - reference_logps)  # [chosen, chosen, rejected, rejected]
+    assert metrics["rewards_chosen"] == pytest.approx(float(trl_rewards[:2].mean()), abs=1e-4)
+    assert metrics["rewards_rejected"] == pytest.approx(float(trl_rewards[2:].mean()), abs=1e-4)
+    assert abs(metrics["rewards_chosen"]) > 1e-3  # the nudged policy really differs from the reference
+    for name, parameter in ours.named_parameters():
+        torch.testing.assert_close(parameter.grad, trl_grads[name], atol=1e-4, rtol=1e-3, msg=name)
