@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any, get_args, get_origin
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="resume even though the config differs from the checkpoint's in settings that break exactness",
     )
+    add_nproc(train)
     train.epilog = "config keys (section.key: description):\n" + describe_config()
     train.formatter_class = argparse.RawDescriptionHelpFormatter
 
@@ -57,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_argument("--resume", help="'auto' (newest checkpoint of the run) or a checkpoint folder")
     dpo.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     dpo.add_argument("--resume-changed", action="store_true", help="resume even though the config changed")
+    add_nproc(dpo)
 
     generate = commands.add_parser("generate", help="generate a reply with the template saved at training")
     generate.add_argument("model", help="run folder, model folder, .gguf file or named model")
@@ -151,6 +155,39 @@ def describe_config() -> str:
     return "\n".join(lines)
 
 
+def add_nproc(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="train on N processes of this machine (torchrun --standalone; train.strategy picks ddp or fsdp2). "
+        "Several machines: start `torchrun --nnodes ... --rdzv-endpoint ... -m sftune.cli train CONFIG` on each",
+    )
+
+
+def launch_processes(nproc: int, argv: list[str]) -> int:
+    """Run this same command under torchrun on `nproc` local processes; SIGTERM is passed on (each rank then
+    checkpoints and stops) and torchrun's exit code returned."""
+    if nproc < 1:
+        raise UserError(f"--nproc {nproc}: give a number of processes >= 1")
+    rest, skip = [], False
+    for token in argv:  # the same arguments without --nproc
+        if skip or token.startswith("--nproc="):
+            skip = False
+            continue
+        if token == "--nproc":
+            skip = True
+            continue
+        rest.append(token)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    child = subprocess.Popen([*command, "-m", "sftune.cli", *rest])
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: child.send_signal(number))
+    try:
+        return child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_train(args: argparse.Namespace) -> None:
     from sftune.recipes.sft import train
 
@@ -241,7 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # text from the data (a lone surrogate) must never stop a message
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(arguments)
     handlers = {
         "train": run_train,
         "dpo": run_dpo,
@@ -253,6 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data": run_data,
     }
     try:
+        if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
+            load_config(args.config, list(args.overrides))  # a config error is reported once, before any launch
+            return launch_processes(args.nproc, arguments)
         code = handlers[args.command](args)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -163,6 +163,12 @@ class TrainConfig(_Section):
     num_threads: int | None = Field(None, gt=0, description="torch CPU threads (null: torch's default).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train; auto = cuda if present.")
     progress: bool = Field(True, description="Show a progress bar.")
+    strategy: Literal["auto", "ddp", "fsdp2"] = Field(
+        "auto",
+        description="Under torchrun / srun with several processes: ddp (every rank holds the whole model, gradients "
+        "all-reduced) or fsdp2 (weights, gradients and optimizer state sharded across ranks, "
+        "torch.distributed.fsdp.fully_shard); auto = ddp. One process: ignored.",
+    )
 
     @model_validator(mode="after")
     def _check_betas(self) -> TrainConfig:
@@ -234,10 +240,16 @@ class DPOConfig(_Section):
     beta: float = Field(0.1, gt=0, description="Strength of the preference (DPO/IPO temperature; SimPO scale).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO: assumed share of flipped labels.")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin.")
-    reference: Literal["auto", "adapter_off", "precomputed"] = Field(
+    reference: Literal["auto", "adapter_off", "precomputed", "copy"] = Field(
         "auto",
         description="Reference log-probs: auto = the same model with the adapter off (LoRA/QLoRA) or precomputed once "
-        "and cached (full); precomputed works for both.",
+        "and cached (full, or continuing an SFT adapter); precomputed works for both; copy = a frozen copy of the "
+        "starting model (twice the weights in memory).",
+    )
+    adapter: Literal["merge", "continue"] = Field(
+        "merge",
+        description="When model.name_or_path is an SFT adapter (or a run folder holding one): merge it into its base "
+        "and train on the merged model (a new adapter with lora/qlora), or continue training the same adapter.",
     )
 
 

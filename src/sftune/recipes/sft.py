@@ -9,11 +9,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from sftune.config import Config
-from sftune.data.batching import accumulation_windows, make_batch, window_micro_batches
+from sftune.data.batching import make_batch, window_micro_batches
 from sftune.model.memory import fit_memory_budget
 from sftune.model.setup import setup_model, setup_tokenizer
 from sftune.training.checkpoint import save_checkpoint
 from sftune.training.data import setup_data
+from sftune.training.distributed import (
+    LossModule,
+    gathered_model,
+    init_distributed,
+    rank_examples,
+    shutdown,
+    training_device,
+    unwrap,
+    wrap_model,
+)
 from sftune.training.evaluation import evaluate_and_log, log_samples
 from sftune.training.loss import TokenLoss
 from sftune.training.metrics import MetricsLog, Throughput, log_step, progress_bar
@@ -31,6 +41,7 @@ from sftune.training.run import (
     seed_everything,
     setup_device,
     setup_run_dir,
+    steps_per_epoch,
 )
 from sftune.training.step import backward_window, optimizer_step
 
@@ -39,60 +50,73 @@ __all__ = ["TrainResult", "train"]
 
 def train(config: Config, resume: str | None = None, resume_changed: bool = False) -> TrainResult:
     # ------------------------------------------------------------------------------------------- setup
-    run_dir = setup_run_dir(config, resume)
-    seed_everything(config.train.seed)
     device, precision = setup_device(config)
+    info = init_distributed(config, device)  # one process: SINGLE, and every collective below is a no-op
+    device = training_device(device, info)
+    run_dir = setup_run_dir(config, resume, info)
+    seed_everything(config.train.seed)
     tokenizer, template = setup_tokenizer(config)
-    data = setup_data(config, tokenizer, template, run_dir)
+    data = setup_data(config, tokenizer, template, run_dir, write_files=info.is_main)
     config = fit_memory_budget(config, data.memory)  # activation checkpointing where the estimate needs it
     model = setup_model(config, tokenizer, device, precision)
     check_free_space(run_dir, model, config)
     loss_sum = TokenLoss.for_model(model)
     print(f"loss: {loss_sum.path}")
+    trainer = wrap_model(LossModule(loss_sum, model), info, device)  # DDP / FSDP2 around model + loss
     optimizer = build_optimizer(list(model.named_parameters()), config.train)
-    total_steps = count_total_steps(config, len(data.train))
+    total_steps = count_total_steps(config, len(data.train), info.world_size)
     scheduler = build_scheduler(optimizer, config.train, total_steps)
-    state = restore_state(resume, run_dir, model, optimizer, scheduler, config, resume_changed)
+    checkpointed = trainer if info.enabled else model
+    state = restore_state(resume, run_dir, checkpointed, optimizer, scheduler, config, resume_changed, info)
     saved_config = resume_fingerprint(config)  # goes into every checkpoint: a resume compares against it
 
-    cfg, log = config.train, MetricsLog(run_dir / "metrics.jsonl")
-    steps_per_epoch = accumulation_windows(len(data.train), cfg.micro_batch_size, cfg.gradient_accumulation_steps)
+    cfg, log = config.train, MetricsLog(run_dir / "metrics.jsonl", enabled=info.is_main)
+    windows_per_epoch = steps_per_epoch(config, len(data.train), info.world_size)
     autocast = autocast_context(device, precision)
     pad_id, stop_ids = tokenizer.pad_token_id, data.end_token_ids()
-    throughput, bar = Throughput(), progress_bar(total_steps, state.global_step, cfg.progress)
+    throughput = Throughput()
+    bar = progress_bar(total_steps, state.global_step, cfg.progress and info.is_main)
     last_loss, val_loss, skipped = None, None, 0
 
     def validate() -> float:
         """Validation loss, and the sample replies to watch (eval.sample_prompts)."""
-        loss = evaluate_and_log(loss_sum, data.validation, cfg, pad_id, device, autocast, log, state)
-        max_tokens = config.eval.sample_max_new_tokens
-        log_samples(model, tokenizer, data.validation_prompts, stop_ids, max_tokens, state, run_dir)
+        loss = evaluate_and_log(unwrap(trainer), data.validation, cfg, pad_id, device, autocast, log, state, info)
+        if info.strategy != "fsdp2" and info.is_main:  # FSDP2: every rank would have to generate in lockstep
+            max_tokens = config.eval.sample_max_new_tokens
+            log_samples(model, tokenizer, data.validation_prompts, stop_ids, max_tokens, state, run_dir)
         return loss
+
+    def checkpoint() -> Path:
+        return save_checkpoint(
+            run_dir / "checkpoints", checkpointed, optimizer, scheduler, state, cfg.keep_checkpoints, saved_config, info
+        )
 
     # -------------------------------------------------------------------------------------------- loop
     model.train()
     with StopRequest() as stop:  # SIGTERM / Ctrl-C: finish the step, checkpoint, stop
         while state.global_step < total_steps:
-            indices = window_micro_batches(
+            window = window_micro_batches(
                 len(data.train),
                 cfg.seed,
                 state.epoch,
                 state.window,
-                cfg.micro_batch_size,
+                cfg.micro_batch_size * info.world_size,  # the global micro-batch, split across the ranks
                 cfg.gradient_accumulation_steps,
                 config.data.shuffle,
             )
-            batches = [make_batch([data.train[i] for i in idx], pad_id, cfg.padding_free).to(device) for idx in indices]
-            step_loss = backward_window(batches, loss_sum, autocast)
-            tokens = sum(b.num_tokens for b in batches)
-            throughput.add(tokens)
-            sources = [data.train[i].source for idx in indices for i in idx]
+            examples = rank_examples(window, data.train, lambda e: len(e.input_ids), info)
+            batches = [make_batch(chunk, pad_id, cfg.padding_free).to(device) for chunk in examples]
+            step_loss = backward_window(batches, trainer, autocast, info=info)
+            sources = [e.source for chunk in examples for e in chunk]
+            tokens = sum(len(data.train[i].input_ids) for indices in window for i in indices)  # all ranks'
+            stopping = info.any_rank(stop.requested is not None)
             grad_norm, lr, updated = optimizer_step(
                 model, optimizer, scheduler, cfg, step_loss, state.global_step + 1, sources
             )
             skipped += not updated
 
-            state = advance(state, steps_per_epoch, tokens)
+            state = advance(state, windows_per_epoch, tokens)
+            throughput.add(tokens)
             last_loss = step_loss
             if state.global_step % cfg.log_every == 0 or state.global_step == total_steps:
                 values = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": throughput.rate()}
@@ -102,20 +126,20 @@ def train(config: Config, resume: str | None = None, resume_changed: bool = Fals
             if data.validation and cfg.eval_every and state.global_step % cfg.eval_every == 0:
                 val_loss = validate()
             if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
-                checkpoints, keep = run_dir / "checkpoints", cfg.keep_checkpoints
-                save_checkpoint(checkpoints, model, optimizer, scheduler, state, keep, saved_config)
-            if stop.requested:
+                checkpoint()
+            if stopping:  # on every rank at the same step: the checkpoint is written by all of them
                 bar.close()
-                checkpoint = save_checkpoint(
-                    run_dir / "checkpoints", model, optimizer, scheduler, state, cfg.keep_checkpoints, saved_config
-                )
-                raise stop.stop(checkpoint, state.global_step)
+                raise stop.stop(checkpoint(), state.global_step)
     bar.close()
     if data.validation and (not cfg.eval_every or state.global_step % cfg.eval_every != 0):
         val_loss = validate()
 
     # -------------------------------------------------------------------------------------------- save
-    model_dir: Path = save_outputs(
-        config, run_dir, model, tokenizer, template, stop_ids, data.counts(), state, device, precision
-    )
+    model_dir = run_dir / "model"
+    trained = gathered_model(trainer, model, info, lambda: setup_model(config, tokenizer, device, precision))
+    if info.is_main:
+        model_dir = save_outputs(
+            config, run_dir, trained, tokenizer, template, stop_ids, data.counts(), state, device, precision
+        )
+    shutdown(info)
     return TrainResult(run_dir, model_dir, state.global_step, last_loss, val_loss, data.counts())

@@ -25,9 +25,12 @@ from safetensors.torch import load_file, save_file
 
 from sftune.config import UserError
 from sftune.model.save import normal_permissions
+from sftune.training.distributed import SINGLE, Distributed, unwrap
 
 CHECKPOINT_PREFIX = "step-"
 MANIFEST = "checkpoint_manifest.json"
+SHARDS = "shards"  # a distributed checkpoint's weight and optimizer shards, one safetensors file per rank
+DISTRIBUTED_LAYOUT = "distributed.json"  # world size and strategy of the run that wrote the checkpoint
 
 
 class CheckpointError(UserError, ValueError):
@@ -46,28 +49,29 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_rng(folder: Path) -> None:
-    """Python's and numpy's generator states as JSON, torch's (and CUDA's) as tensors in safetensors."""
+def save_rng(folder: Path, suffix: str = "") -> None:
+    """Python's and numpy's generator states as JSON, torch's (and CUDA's) as tensors in safetensors. `suffix`:
+    one pair of files per rank of a distributed run ('-rank1')."""
     version, internal, gauss = random.getstate()
     name, keys, position, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
     state = {
         "python": [version, list(internal), gauss],
         "numpy": [name, np.asarray(keys).tolist(), position, has_gauss, cached],
     }
-    (folder / "rng.json").write_text(json.dumps(state))
+    (folder / f"rng{suffix}.json").write_text(json.dumps(state))
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors |= {f"cuda{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())}
-    save_file(tensors, str(folder / "rng.safetensors"))
+    save_file(tensors, str(folder / f"rng{suffix}.safetensors"))
 
 
-def restore_rng(folder: Path) -> None:
-    state = json.loads((folder / "rng.json").read_text())
+def restore_rng(folder: Path, suffix: str = "") -> None:
+    state = json.loads((folder / f"rng{suffix}.json").read_text())
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, position, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
-    tensors = load_file(str(folder / "rng.safetensors"))
+    tensors = load_file(str(folder / f"rng{suffix}.safetensors"))
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[f"cuda{i}"] for i in range(len(tensors) - 1)]
     if cuda and torch.cuda.is_available():
@@ -85,9 +89,10 @@ def sha256_file(path: Path) -> str:
 def write_manifest_last(folder: Path) -> None:
     """sha256 of every file, written after all of them and fsynced with them: a checkpoint is complete and intact
     exactly when its manifest exists and matches."""
-    sums = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    sums = {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}
     (folder / MANIFEST).write_text(json.dumps(sums, indent=2))
-    for path in folder.iterdir():
+    for path in sorted(folder.rglob("*"), reverse=True):  # files, then the folders holding them
         fsync(path)
     fsync(folder)
 
@@ -126,27 +131,89 @@ def save_checkpoint(
     state: TrainerState,
     keep: int,
     config: dict[str, Any] | None = None,
+    info: Distributed = SINGLE,
 ) -> Path:
     """Write into a temporary folder, then rename: a crash never leaves a checkpoint that looks complete. The run's
-    resolved config goes with it, so a resume can tell what changed."""
+    resolved config goes with it, so a resume can tell what changed.
+
+    On several processes (`info`; `model` is then the DDP / FSDP2-wrapped module) every rank writes its own shards
+    of the trainable weights and optimizer state (torch.distributed.checkpoint, safetensors files: no pickle) and
+    its own RNG state; rank 0 writes the rest, the manifest and does the rename."""
     final = checkpoints_dir / f"{CHECKPOINT_PREFIX}{state.global_step:08d}"
     tmp = checkpoints_dir / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    save_rng(tmp)
-    (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
-    if config is not None:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    normal_permissions(tmp)
-    write_manifest_last(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync(checkpoints_dir)
-    prune_checkpoints(checkpoints_dir, keep, state.global_step)
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    info.barrier()
+    if info.enabled:
+        param_groups = save_sharded_state(tmp / SHARDS, model, optimizer)
+        save_rng(tmp, f"-rank{info.rank}")
+        optimizer_state: dict[str, Any] = {"param_groups": param_groups}
+    else:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_rng(tmp)
+        optimizer_state = {"optimizer": optimizer.state_dict()}
+    if info.is_main:
+        torch.save({**optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+        if info.enabled:
+            layout = {"world_size": info.world_size, "strategy": info.strategy}
+            (tmp / DISTRIBUTED_LAYOUT).write_text(json.dumps(layout, indent=2))
+        if config is not None:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    info.barrier()  # every rank's files are in place before the manifest sums them
+    if info.is_main:
+        normal_permissions(tmp)
+        write_manifest_last(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync(checkpoints_dir)
+        prune_checkpoints(checkpoints_dir, keep, state.global_step)
+    info.barrier()
     return final
+
+
+def save_sharded_state(folder: Path, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:
+    """Each rank's shards of the trainable weights and of the optimizer's tensors, with torch.distributed.checkpoint
+    into safetensors files (its HuggingFace storage: the offsets are JSON metadata, nothing is pickled). Returns
+    the optimizer's param groups (plain numbers and names), which rank 0 stores beside them."""
+    import torch.distributed.checkpoint as dcp
+
+    weights, optimizer_state = sharded_state(wrapped, optimizer)
+    writer = dcp.HuggingFaceStorageWriter(str(folder), save_distributed=True)
+    dcp.save(flat_tensors(weights, optimizer_state), storage_writer=writer)
+    return optimizer_state["param_groups"]
+
+
+def sharded_state(wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], Any]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    weights, optimizer_state = get_state_dict(wrapped, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    names = {name for name, p in unwrap(wrapped).named_parameters() if p.requires_grad}  # a tied weight once
+    return {name: tensor for name, tensor in weights.items() if name in names}, optimizer_state
+
+
+def flat_tensors(weights: dict[str, Any], optimizer_state: Any) -> dict[str, Any]:
+    """One flat name -> tensor map of the weights and every optimizer state tensor (exp_avg, exp_avg_sq, step)."""
+    tensors = {f"model.{name}": tensor for name, tensor in weights.items()}
+    for name, states in optimizer_state["state"].items():
+        tensors |= {f"optim.{name}.{key}": value for key, value in states.items()}
+    return tensors
+
+
+def load_sharded_state(
+    folder: Path, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer, param_groups: Any
+) -> None:
+    """Read this rank's shards back into the wrapped model and the optimizer (the inverse of save_sharded_state)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    weights, optimizer_state = sharded_state(wrapped, optimizer)  # this rank's tensors, filled in place below
+    dcp.load(flat_tensors(weights, optimizer_state), storage_reader=dcp.HuggingFaceStorageReader(str(folder)))
+    optimizer_state["param_groups"] = param_groups
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
+    set_state_dict(wrapped, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state, options=options)
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
@@ -188,22 +255,49 @@ def find_resume_checkpoint(resume: str, checkpoints_dir: Path) -> Path | None:
     return path
 
 
+def check_layout(path: Path, info: Distributed) -> None:
+    """A checkpoint resumes only with the process count and strategy that wrote it: each rank's shards, RNG and
+    share of the data belong to that layout."""
+    layout_file = path / DISTRIBUTED_LAYOUT
+    layout: dict[str, Any] = {"world_size": 1, "strategy": "single"}
+    if layout_file.is_file():
+        layout = json.loads(layout_file.read_text())
+    if (layout["world_size"], layout["strategy"]) != (info.world_size, info.strategy):
+        raise CheckpointError(
+            f"checkpoint {path} was written by {layout['world_size']} process(es) with strategy "
+            f"{layout['strategy']}; this run has {info.world_size} with {info.strategy}. Resharding a checkpoint to "
+            f"another layout is not supported: resume with the same layout (e.g. sftune train --nproc "
+            f"{layout['world_size']}, train.strategy={layout['strategy'] if layout['world_size'] > 1 else 'auto'})"
+        )
+
+
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, info: Distributed = SINGLE
 ) -> TrainerState:
+    check_layout(path, info)
+    if info.enabled:
+        states = read_optimizer_file(path)
+        load_sharded_state(path / SHARDS, model, optimizer, states["param_groups"])
+        scheduler.load_state_dict(states["scheduler"])
+        restore_rng(path, f"-rank{info.rank}")
+        return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
     weights = load_file(str(path / "trainable.safetensors"))
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights))[:5], sorted(set(weights) - expected)[:5]
         raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {extra}")
     model.load_state_dict(weights, strict=False)
-    try:  # plain data only: a pickled object that would run code is refused, never executed
-        states = torch.load(path / "optimizer.pt", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"{path / 'optimizer.pt'} holds more than plain tensors and numbers: refused ({error})"
-        ) from None
+    states = read_optimizer_file(path)
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
     restore_rng(path)
     return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+
+
+def read_optimizer_file(path: Path) -> dict[str, Any]:
+    try:  # plain data only: a pickled object that would run code is refused, never executed
+        return torch.load(path / "optimizer.pt", weights_only=True)  # type: ignore[no-any-return]
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path / 'optimizer.pt'} holds more than plain tensors and numbers: refused ({error})"
+        ) from None

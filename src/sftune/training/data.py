@@ -32,8 +32,12 @@ from sftune.model.memory import estimate_memory, load_model_config
 from sftune.training.run import RunError
 
 
-def setup_data(config: Config, tokenizer: Any, template: ChatTemplate, run_dir: Path) -> PreparedData:
-    """Read and build the training rows once: the data report checks the very examples that are then trained."""
+def setup_data(
+    config: Config, tokenizer: Any, template: ChatTemplate, run_dir: Path, write_files: bool = True
+) -> PreparedData:
+    """Read and build the training rows once: the data report checks the very examples that are then trained.
+    `write_files`: write the data report, rejections and summary into the run folder (rank 0 of a distributed
+    run; the other ranks build the same examples and write nothing)."""
     data_cfg = config.data
     conversations, rejections, formats = read_conversations(data_cfg.train, data_cfg)
     val_rejections: list[Rejection] = []
@@ -48,7 +52,8 @@ def setup_data(config: Config, tokenizer: Any, template: ChatTemplate, run_dir: 
     if validation_rows or val_rejections:  # checked like the training rows, before any training
         checks = check_mask(validation, tokenizer, template, config.template.mask)
         report.validation = summarize_validation(validation, val_rejections, checks)
-    write_data_report(report, run_dir)
+    if write_files:
+        write_data_report(report, run_dir)
     stop_on_failed_checks(report, config)
     rows_in = report.rows_in + validation.rows_kept + len(val_rejections) + len(validation.rejections)
     # report.rejections = the train file's rows dropped on reading + the train rows its build dropped: each once.
@@ -56,8 +61,9 @@ def setup_data(config: Config, tokenizer: Any, template: ChatTemplate, run_dir: 
     data = PreparedData(report.examples, validation.examples, rejected, rows_in, formats, memory=report.memory)
     data.train_rows, data.validation_rows = report.rows_kept, validation.rows_kept
     data.validation_prompts = prompts_for_samples(validation_rows, config.eval.sample_prompts)
-    write_rejections(run_dir / "rejected.jsonl", data.rejections)
-    report_data(data, run_dir)
+    if write_files:
+        write_rejections(run_dir / "rejected.jsonl", data.rejections)
+        report_data(data, run_dir)
     check_trainable(data, data_cfg.max_length, allow_missing_end_token=data_cfg.proceed_on_failed_checks)
     return data
 

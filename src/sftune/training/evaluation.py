@@ -11,12 +11,13 @@ from sftune.config import TrainConfig
 from sftune.data.types import Example, Prompt
 from sftune.infer.generate import generate_replies
 from sftune.training.checkpoint import TrainerState
+from sftune.training.distributed import SINGLE, Distributed, LossModule
 from sftune.training.loss import TokenLoss, mean_token_loss
 from sftune.training.metrics import MetricsLog, perplexity
 
 
 def evaluate_and_log(
-    loss: TokenLoss,
+    loss: TokenLoss | LossModule,
     examples: list[Example],
     train: TrainConfig,
     pad_id: int,
@@ -24,9 +25,12 @@ def evaluate_and_log(
     autocast: Any,
     log: MetricsLog,
     state: TrainerState,
+    info: Distributed = SINGLE,
 ) -> float:
     """Validation loss per supervised token, computed exactly as the training loss; logged with its perplexity."""
-    val_loss = mean_token_loss(loss, examples, train.micro_batch_size, pad_id, device, autocast, train.padding_free)
+    val_loss = mean_token_loss(
+        loss, examples, train.micro_batch_size, pad_id, device, autocast, train.padding_free, info
+    )
     log.write({"step": state.global_step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
     print(f"step {state.global_step}: validation loss {val_loss:.4f}, perplexity {perplexity(val_loss):.2f}")
     return val_loss

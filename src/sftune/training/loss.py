@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from sftune.config import UserError
 from sftune.data.batching import Batch, make_batch
 from sftune.data.types import IGNORE_INDEX, Example
+from sftune.training.distributed import SINGLE, Distributed, LossModule, placeholder
 
 # Config attributes that change logits after the head: the split would compute the wrong logits for them.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
@@ -182,23 +183,34 @@ def token_loss_sum(model: Any, batch: Batch) -> torch.Tensor:
 
 @torch.no_grad()
 def mean_token_loss(
-    loss: TokenLoss,
+    loss: TokenLoss | LossModule,
     examples: list[Example],
     micro_batch_size: int,
     pad_id: int,
     device: torch.device,
     autocast: Any,
     padding_free: bool = True,
+    info: Distributed = SINGLE,
 ) -> float:
     """Cross-entropy per supervised token over all `examples` (validation loss): token-weighted, not a mean of
-    batch means, batched as training batches. Leaves the model in the mode it was in."""
+    batch means, batched as training batches. Leaves the model in the mode it was in.
+
+    On several processes the micro-batches are dealt round-robin to the ranks and the sums all-reduced; a rank
+    with fewer batches runs placeholders (FSDP2 needs every rank in every forward)."""
     was_training = loss.model.training
     loss.model.eval()
+    starts = list(range(0, len(examples), micro_batch_size))
+    mine, rounds = starts[info.rank :: info.world_size], -(-len(starts) // info.world_size)
     total, tokens = 0.0, 0
-    for start in range(0, len(examples), micro_batch_size):
-        batch = make_batch(examples[start : start + micro_batch_size], pad_id, padding_free).to(device)
+    for index in range(rounds):
+        if index < len(mine):
+            chunk = examples[mine[index] : mine[index] + micro_batch_size]
+        else:
+            chunk = [placeholder(examples[0])]
+        batch = make_batch(chunk, pad_id, padding_free).to(device)
         with autocast:
             total += loss(batch).item()
         tokens += batch.num_supervised
     loss.model.train(was_training)
-    return total / max(1, tokens)
+    total, all_tokens = info.all_sum(total, tokens)
+    return total / max(1.0, all_tokens)

@@ -14,10 +14,13 @@ from tqdm.auto import tqdm
 class MetricsLog:
     """Appends one JSON object per line; reading it back gives the whole run, resumed parts included."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path = path
+        self.enabled = enabled  # False on the ranks above 0 of a distributed run: rank 0 writes the log
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 

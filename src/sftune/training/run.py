@@ -19,6 +19,7 @@ from sftune.config import Config, UserError, config_to_yaml
 from sftune.data.batching import accumulation_windows
 from sftune.model.load import bf16_supported, resolve_device
 from sftune.training.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint
+from sftune.training.distributed import SINGLE, Distributed
 from sftune.training.manifest import sha256_of
 from sftune.training.metrics import MetricsLog
 
@@ -37,9 +38,19 @@ class TrainResult:
     counts: dict[str, Any] = field(default_factory=dict)
 
 
-def setup_run_dir(config: Config, resume: str | None) -> Path:
-    """An existing, non-empty run folder is only reused to resume, or replaced with output.overwrite."""
+def setup_run_dir(config: Config, resume: str | None, info: Distributed = SINGLE) -> Path:
+    """An existing, non-empty run folder is only reused to resume, or replaced with output.overwrite. Rank 0 of a
+    distributed run prepares it; the other ranks wait for it."""
     run_dir = Path(config.output.dir)
+    if not info.is_main:
+        info.barrier()
+        return run_dir
+    prepare_run_dir(run_dir, config, resume)
+    info.barrier()
+    return run_dir
+
+
+def prepare_run_dir(run_dir: Path, config: Config, resume: str | None) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"output.dir '{run_dir}' is a file, not a folder: choose another output.dir")
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
@@ -51,7 +62,6 @@ def setup_run_dir(config: Config, resume: str | None) -> Path:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config_to_yaml(config))
-    return run_dir
 
 
 def check_free_space(run_dir: Path, model: Any, config: Config) -> None:
@@ -94,12 +104,19 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     return contextlib.nullcontext()
 
 
-def count_total_steps(config: Config, num_examples: int) -> int:
+def count_total_steps(config: Config, num_examples: int, world_size: int = 1) -> int:
+    """Optimizer steps of the run (train.max_steps, or its epochs of windows of micro-batch x world size)."""
     cfg = config.train
     if cfg.max_steps:
         return cfg.max_steps
-    per_epoch = accumulation_windows(num_examples, cfg.micro_batch_size, cfg.gradient_accumulation_steps)
+    per_epoch = steps_per_epoch(config, num_examples, world_size)
     return max(1, round(cfg.epochs * per_epoch))
+
+
+def steps_per_epoch(config: Config, num_examples: int, world_size: int = 1) -> int:
+    """Accumulation windows in one epoch; a window of a distributed run holds micro-batch x world size examples."""
+    cfg = config.train
+    return accumulation_windows(num_examples, cfg.micro_batch_size * world_size, cfg.gradient_accumulation_steps)
 
 
 # What a resume may change without breaking exactness (how long to train, how often to log, where output goes);
@@ -142,6 +159,7 @@ def restore_state(
     scheduler: Any,
     config: Config | None = None,
     allow_changes: bool = False,
+    info: Distributed = SINGLE,
 ) -> TrainerState:
     """The checkpoint's weights, optimizer, scheduler, RNG and data position; step 0 when not resuming. A config
     that differs from the checkpoint's in a way that breaks exactness is refused unless `allow_changes`; then the
@@ -150,8 +168,7 @@ def restore_state(
     if checkpoint is None:
         if resume:  # nothing to resume from: start over, without the records of the run that crashed
             print(f"resume: no intact checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
-            for log_name in ("metrics.jsonl", "samples.jsonl"):
-                MetricsLog(run_dir / log_name).truncate_after(0)
+            truncate_logs(run_dir, 0, info)
         return TrainerState(global_step=0, epoch=0, window=0)
     changes = resumed_config_changes(checkpoint, config)
     if changes and not allow_changes:
@@ -160,14 +177,21 @@ def restore_state(
             "the one the checkpoint belongs to: resume with the same settings, or pass --resume-changed to go on "
             "with the new ones (they are recorded in config.yaml and manifest.json)"
         )
-    state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    state = load_checkpoint(checkpoint, model, optimizer, scheduler, info)
     if changes and config is not None:
         print(f"resume: going on with changed settings (--resume-changed): {'; '.join(changes)}")
         apply_optimizer_settings(optimizer, scheduler, config)
-    for log_name in ("metrics.jsonl", "samples.jsonl"):
-        MetricsLog(run_dir / log_name).truncate_after(state.global_step)
+    truncate_logs(run_dir, state.global_step, info)
     print(f"resumed from {checkpoint} at step {state.global_step} (epoch {state.epoch}, window {state.window})")
     return state
+
+
+def truncate_logs(run_dir: Path, step: int, info: Distributed) -> None:
+    """Drop the log records of steps after `step` (a resume redoes them); rank 0 owns the logs."""
+    if info.is_main:
+        for log_name in ("metrics.jsonl", "samples.jsonl"):
+            MetricsLog(run_dir / log_name).truncate_after(step)
+    info.barrier()
 
 
 def resumed_config_changes(checkpoint: Path, config: Config | None) -> list[str]:

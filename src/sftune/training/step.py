@@ -11,6 +11,7 @@ import torch
 
 from sftune.config import TrainConfig
 from sftune.data.batching import Batch
+from sftune.training.distributed import SINGLE, Distributed, gradient_sync, total_norm
 from sftune.training.run import RunError
 
 BatchT = TypeVar("BatchT")
@@ -25,6 +26,7 @@ def backward_window(
     loss_sum: Callable[[BatchT], torch.Tensor],
     autocast: Any = None,
     count: Callable[[BatchT], int] = supervised_tokens,  # type: ignore[assignment]
+    info: Distributed = SINGLE,
 ) -> float:
     """Backward over every micro-batch of a window; returns the window's loss per counted unit.
 
@@ -32,14 +34,21 @@ def backward_window(
     supervised tokens for SFT (TokenLoss), preference pairs for a DPO loss. The loss is the sum over the whole
     window divided by the window's units, not a mean of per-micro-batch means, so micro-batch 8 x accumulation 1
     and micro-batch 1 x accumulation 8 give the same loss and the same gradients, whatever the example lengths.
+
+    On several processes (`info`; `loss_sum` is then the DDP / FSDP2-wrapped loss module) the units are summed
+    over all ranks, each rank's loss is scaled by the world size (DDP and FSDP2 average gradients over ranks), the
+    gradients are reduced once per window, and the returned loss is the whole window's: the same as on one process.
     """
-    window_units = max(1, sum(count(b) for b in batches))
+    (window_units,) = info.all_sum(sum(count(b) for b in batches))
+    window_units, scale = max(1.0, window_units), float(info.world_size)
     total = 0.0
-    for batch in batches:
-        with autocast or contextlib.nullcontext():
-            loss = loss_sum(batch) / window_units
-        loss.backward()
+    for index, batch in enumerate(batches):
+        with gradient_sync(loss_sum, info, sync=index == len(batches) - 1):  # type: ignore[arg-type]
+            with autocast or contextlib.nullcontext():
+                loss = loss_sum(batch) / window_units
+            (loss * scale if info.enabled else loss).backward()
         total += loss.item()
+    (total,) = info.all_sum(total)
     return total
 
 
@@ -47,8 +56,9 @@ def clip_gradients(model: Any, max_norm: float | None) -> float:
     """Clip the global gradient norm to `max_norm` (None: measure only); returns the norm before clipping."""
     params = [p for p in model.parameters() if p.grad is not None]
     if max_norm is None:
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return total_norm(params)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # FSDP2: a replicated DTensor, whole across shards
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 class NonFiniteError(RunError):
