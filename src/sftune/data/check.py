@@ -366,7 +366,7 @@ def render_report_text(report: DataReport) -> str:
         f"template: {report.template['name']} (mask {report.template['mask']}; masking by "
         f"{report.template['masking']}; generation markers: {markers})",
         "checks:",
-        *(_check_line(c) for c in report.checks),
+        *(render_check_line(c) for c in report.checks),
         f"batching: {report.batching['padding_share']:.1%} padding at micro_batch_size="
         f"{report.batching['micro_batch_size']}; packed into {report.batching['packed_max_length']}-token sequences: "
         f"{report.batching['packed_padding_share']:.1%}",
@@ -398,7 +398,7 @@ def render_report_text(report: DataReport) -> str:
     return "\n".join(lines)
 
 
-def _check_line(check: CheckResult) -> str:
+def render_check_line(check: CheckResult) -> str:
     status = "PASS" if check.passed else "WARN" if check.warning else "FAIL"
     where = f" (first: {check.first_source})" if check.first_source else ""
     return f"  {status} {check.name}: {check.failures} of {check.checked} failed{where}; {check.detail}"

@@ -1,16 +1,20 @@
 """Show which tokens of an example are trained: ANSI colour for the terminal, or a self-contained HTML page.
 
 Consecutive tokens with the same supervision are decoded together, so the text reads exactly as the model sees
-it; `boundaries` decodes token by token instead and marks where each one starts, `ids` adds the token ids.
+it; `boundaries` decodes token by token instead and marks where each one starts, `ids` adds the token ids. A
+preference pair is shown as its two branches, chosen then rejected.
 """
 
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from sftune.data.types import IGNORE_INDEX, Example
+
+if TYPE_CHECKING:
+    from sftune.data.preference import PairExample
 
 SUPERVISED_ANSI = "\x1b[1;42;30m"  # black on green: trained
 PROMPT_ANSI = "\x1b[2m"  # dim: context only
@@ -44,6 +48,14 @@ def split_pieces(example: Example, tokenizer: Any, boundaries: bool = False) -> 
 def supervised_text(example: Example, tokenizer: Any) -> list[str]:
     """The decoded supervised runs of an example: what the highlighting marks."""
     return [piece.text for piece in split_pieces(example, tokenizer) if piece.supervised]
+
+
+def pair_branches(pair: PairExample) -> list[Example]:
+    """The chosen and the rejected branch of a preference pair, each named as such, to show one after the other."""
+    return [
+        replace(pair.chosen, source=f"{pair.source} [chosen]"),
+        replace(pair.rejected, source=f"{pair.source} [rejected]"),
+    ]
 
 
 def render_example_ansi(example: Example, tokenizer: Any, ids: bool = False, boundaries: bool = False) -> str:

@@ -13,22 +13,23 @@ Full dialogues must share everything before their last assistant turn.
 
 Both conversations go through the SFT example builder (`build_examples`, mask `last_assistant`), so only the
 response tokens and their end-of-turn token count in the log-probabilities. A pair whose branches are identical,
-whose prompts differ, or that has no response is rejected with a reason, never dropped silently.
+whose prompts differ, that has no response or that is too long is rejected with a reason, never dropped silently;
+with data.truncation=truncate a long pair loses the oldest tokens of its prompt instead, never of its responses.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from sftune.data.dataset import build_examples
+from sftune.data.dataset import BuiltExamples, build_examples
 from sftune.data.formats import RowProblem, to_message
 from sftune.data.masking import TruncationPolicy
 from sftune.data.sources import read_rows
 from sftune.data.templates import ChatTemplate
-from sftune.data.types import Conversation, Example, Message, Rejection
+from sftune.data.types import IGNORE_INDEX, Conversation, Example, Message, Rejection
 
 _TRANSCRIPT = re.compile(r"\n\n(Human|Assistant): ")
 
@@ -130,6 +131,21 @@ def _shared_prefix_length(first: list[Message], second: list[Message]) -> int:
     return shared
 
 
+@dataclass
+class BuiltPairs:
+    """What `build_pair_examples` made of a list of pairs: the kept pairs, every rejection with its reason, and
+    each branch as the example builder built it (before any prompt truncation), for the mask checks."""
+
+    pairs: list[PairExample]
+    rejections: list[Rejection]
+    chosen: BuiltExamples
+    rejected: BuiltExamples
+
+    @property
+    def prompts_truncated(self) -> int:
+        return sum(pair.chosen.truncated for pair in self.pairs)
+
+
 def build_pairs(
     pairs: list[PreferencePair],
     tokenizer: Any,
@@ -137,12 +153,27 @@ def build_pairs(
     max_length: int | None,
     truncation: TruncationPolicy = "drop",
 ) -> tuple[list[PairExample], list[Rejection]]:
+    """The kept pairs and the rejections of `build_pair_examples`."""
+    built = build_pair_examples(pairs, tokenizer, template, max_length, truncation)
+    return built.pairs, built.rejections
+
+
+def build_pair_examples(
+    pairs: list[PreferencePair],
+    tokenizer: Any,
+    template: ChatTemplate,
+    max_length: int | None,
+    truncation: TruncationPolicy = "drop",
+) -> BuiltPairs:
     """Both branches through the one example builder (last assistant turn supervised); a pair is kept only when
-    both branches are, and when their prompts tokenize identically."""
-    chosen = build_examples([p.chosen for p in pairs], tokenizer, template, "last_assistant", max_length, truncation)
-    rejected = build_examples(
-        [p.rejected for p in pairs], tokenizer, template, "last_assistant", max_length, truncation
-    )
+    both branches are, their prompts tokenize identically and their token ids differ. A pair longer than
+    `max_length` is dropped (truncation=drop) or has its shared prompt cut from the left, keeping both responses
+    whole (truncation=truncate; dropped where the responses alone leave no room for a prompt)."""
+
+    def build(conversations: list[Conversation]) -> BuiltExamples:  # the pair is cut as one, below
+        return build_examples(conversations, tokenizer, template, "last_assistant", max_length=None)
+
+    chosen, rejected = build([p.chosen for p in pairs]), build([p.rejected for p in pairs])
     by_source = {e.source: e for e in rejected.examples}
     rejections = [*chosen.rejections, *rejected.rejections]
     dropped = {r.source for r in rejections}
@@ -151,13 +182,59 @@ def build_pairs(
         other = by_source.get(example.source)
         if other is None or example.source in dropped:
             continue
-        start = next(i for i, label in enumerate(example.labels) if label != -100)
-        other_start = next(i for i, label in enumerate(other.labels) if label != -100)
-        if example.input_ids[:start] != other.input_ids[:other_start]:
-            rejections.append(
-                Rejection(example.source, "prompt_differs", "the two branches tokenize different prompts")
-            )
-            continue
-        kept.append(PairExample(example, other, example.source))
+        result = fit_pair(example, other, max_length, truncation, tokenizer.bos_token_id)
+        (rejections if isinstance(result, Rejection) else kept).append(result)  # type: ignore[arg-type]
     unique = {r.source: r for r in rejections}  # a pair rejected on both branches counts once
-    return kept, list(unique.values())
+    return BuiltPairs(kept, list(unique.values()), chosen, rejected)
+
+
+def fit_pair(
+    chosen: Example, rejected: Example, max_length: int | None, truncation: TruncationPolicy, bos_id: int | None
+) -> PairExample | Rejection:
+    """The pair if its branches share their prompt tokens, differ, and fit in `max_length` (after cutting the
+    prompt where allowed); else the rejection saying why."""
+    source = chosen.source
+    prompt = prompt_length(chosen)
+    if chosen.input_ids[:prompt] != rejected.input_ids[: prompt_length(rejected)]:
+        return Rejection(source, "prompt_differs", "the two branches tokenize different prompts")
+    if chosen.input_ids == rejected.input_ids:
+        return Rejection(source, "identical_pair", "chosen and rejected tokenize to the same ids: nothing to prefer")
+    longest = max(len(chosen.input_ids), len(rejected.input_ids))
+    if max_length is None or longest <= max_length:
+        return PairExample(chosen, rejected, source)
+    if truncation == "drop":
+        return Rejection(
+            source,
+            "too_long",
+            f"{longest} tokens > data.max_length={max_length} (data.truncation=drop; data.truncation=truncate cuts "
+            "the prompt from the left and keeps both responses)",
+        )
+    # Keep a leading BOS and at least one prompt token after it: the first response token is predicted from it.
+    first = 1 if bos_id is not None and chosen.input_ids[:1] == [bos_id] else 0
+    excess = longest - max_length
+    if prompt - excess < first + 1:
+        return Rejection(
+            source,
+            "response_too_long",
+            f"the longer response takes {longest - prompt} of data.max_length={max_length} tokens: no room is left "
+            "for the prompt. Raise data.max_length or shorten the responses",
+        )
+    return PairExample(cut_prompt(chosen, first, excess), cut_prompt(rejected, first, excess), source)
+
+
+def prompt_length(example: Example) -> int:
+    """Tokens before the first supervised one: the prompt, up to and including the assistant header."""
+    return next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+
+
+def cut_prompt(example: Example, start: int, count: int) -> Example:
+    """The example without `count` prompt tokens from position `start` on: the oldest context goes first."""
+    ids = example.input_ids[:start] + example.input_ids[start + count :]
+    labels = example.labels[:start] + example.labels[start + count :]
+    return replace(example, input_ids=ids, labels=labels, truncated=True)
+
+
+def is_preference_data(spec: str) -> bool:
+    """Are these rows preference pairs? Their first row has 'chosen' and 'rejected' (any of the formats above)."""
+    _, first = read_rows(spec)[0]
+    return isinstance(first, Mapping) and "chosen" in first and "rejected" in first
