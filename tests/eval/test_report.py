@@ -81,3 +81,23 @@ def test_report_renders_in_headless_chromium_with_its_plots(tmp_path):
 
     assert image.size == (1200, 1400) and len(colours) > 50  # a rendered page, not a blank one
     assert near(TAB_BLUE) and near(TAB_ORANGE)  # the inlined PNG plots were decoded and drawn
+
+
+def test_a_preference_run_gets_its_curves_in_the_report(tmp_path):
+    from sftune.eval.report import PREFERENCE_PANELS
+
+    run, out = tmp_path / "run", tmp_path / "eval"
+    run.mkdir(), out.mkdir()
+    steps = [{"step": s, "loss": 0.69 / s, "reward_accuracy": 0.5 + s / 20, "reward_margin": 0.1 * s,
+              "rewards_chosen": 0.05 * s, "rewards_rejected": -0.05 * s, "logps_chosen": -10.0 + s,
+              "logps_rejected": -10.0 - s} for s in range(1, 9)]  # fmt: skip
+    validation = [{"step": 8, "val_loss": 0.2, "val_reward_accuracy": 1.0, "val_reward_margin": 0.9}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps + validation))
+    results = {"data": "held.jsonl", "rows": 0, "rows_with_reference": 0, "rejected": [],
+               "settings": {"temperature": 0.0, "max_new_tokens": 8, "extractor": "full"}}  # fmt: skip
+    md_path, html_path = write_report(out, results, [], [ModelEval("model", "run", {})], 0, run)
+    md, page = md_path.read_text(), html_path.read_text()
+    assert "![preference](preference.png)" in md and (out / "preference.png").is_file()
+    assert page.count("data:image/png;base64,") == 3  # loss, validation and the preference panels
+    plotted = {key for keys in PREFERENCE_PANELS.values() for key in keys}
+    assert set(steps[0]) - {"step"} <= plotted and set(validation[0]) - {"step"} <= plotted

@@ -1,7 +1,8 @@
 """The evaluation report: a Markdown file and a self-contained HTML page (plots inlined, opens offline).
 
 Metrics side by side (baseline, model, change), the training loss and validation curves of the run when
-there is one, sample generations from the run's evaluations, and held-out prompts with both models' outputs.
+there is one (and, for a preference run, its loss, rewards, reward accuracy, margin and log-probs), sample
+generations from the run's evaluations, and held-out prompts with both models' outputs.
 """
 
 from __future__ import annotations
@@ -62,8 +63,55 @@ def write_report(
 
 def plot_run(run_dir: Path, out_dir: Path) -> list[Path]:
     records = MetricsLog(run_dir / "metrics.jsonl").read()
-    plots = [plot_loss_curve(records, out_dir / "loss.png"), plot_validation_curve(records, out_dir / "validation.png")]
+    plots = [
+        plot_loss_curve(records, out_dir / "loss.png"),
+        plot_validation_curve(records, out_dir / "validation.png"),
+        plot_preference_curves(records, out_dir / "preference.png"),
+    ]
     return [p for p in plots if p is not None]
+
+
+# panel title -> the metrics.jsonl keys of a preference run (sftune dpo) it plots; val_* at each evaluation
+PREFERENCE_PANELS: dict[str, tuple[str, ...]] = {
+    "preference loss": ("loss", "val_loss"),
+    "reward accuracy": ("reward_accuracy", "val_reward_accuracy"),
+    "reward margin (chosen - rejected)": ("reward_margin", "val_reward_margin"),
+    "rewards": ("rewards_chosen", "rewards_rejected", "val_rewards_chosen", "val_rewards_rejected"),
+    "log-probs of the responses": ("logps_chosen", "logps_rejected", "val_logps_chosen", "val_logps_rejected"),
+}
+
+
+def preference_series(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """Each preference metric's (step, value) points, in step order; empty for a run that is not a preference run."""
+    if not any("reward_accuracy" in r for r in records):
+        return {}
+    keys = [key for panel in PREFERENCE_PANELS.values() for key in panel]
+    return {key: [(r["step"], r[key]) for r in records if key in r] for key in keys if any(key in r for r in records)}
+
+
+def plot_preference_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """One panel per PREFERENCE_PANELS entry, training lines and validation points; None for a non-preference run."""
+    series = preference_series(records)
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, (title, keys) in zip(axes.flat, PREFERENCE_PANELS.items(), strict=False):
+        for key in (k for k in keys if k in series):
+            ax.plot(*zip(*series[key], strict=True), "o--" if key.startswith("val_") else "-", label=key, linewidth=1)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes.flat[-1].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def read_training_samples(run_dir: Path) -> list[dict[str, Any]]:
