@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from sftune.config import DPOConfig, LoraConfig, load_config
 from sftune.data.batching import collate_packed
 from sftune.data.preference import build_pairs, to_pair
 from sftune.data.templates import resolve_template
+from sftune.eval.report import plot_run, preference_series
 from sftune.model.load import CACHE_ENV
 from sftune.model.lora import apply_lora
 from sftune.recipes.dpo import train_dpo
@@ -120,6 +122,24 @@ def test_a_lora_dpo_run_learns_the_preference(tmp_path, tiny_model_dir):
     assert (result.model_dir / "adapter_config.json").is_file()
     counts = json.loads((result.run_dir / "data_summary.json").read_text())
     assert counts["pairs_in"] == 16 == counts["pairs_trained"] + counts["pairs_validation"] + counts["pairs_rejected"]
+    # The run's preference curves: every per-step metric the loss logs, and the validation points, plotted.
+    assert (result.run_dir / "preference.png").is_file()
+    series = preference_series(records)
+    for name in (
+        "loss",
+        "reward_accuracy",
+        "reward_margin",
+        "rewards_chosen",
+        "rewards_rejected",
+        "logps_chosen",
+        "logps_rejected",
+        "val_loss",
+        "val_reward_accuracy",
+        "val_rewards_chosen",
+        "val_logps_rejected",
+    ):
+        assert series[name] == [(r["step"], r[name]) for r in records if name in r], name  # fmt: skip
+    assert [p.name for p in plot_run(result.run_dir, tmp_path)] == ["loss.png", "validation.png", "preference.png"]
 
 
 def test_full_dpo_uses_cached_reference_and_resumes_exactly(tmp_path, tiny_model_dir, capsys, monkeypatch):
@@ -211,3 +231,105 @@ def test_loss_rewards_and_gradients_match_trl_dpo_trainer(tiny_model_dir, tmp_pa
     assert abs(metrics["rewards_chosen"]) > 1e-3  # the nudged policy really differs from the reference
     for name, parameter in ours.named_parameters():
         torch.testing.assert_close(parameter.grad, trl_grads[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_a_frozen_reference_copy_gives_the_loss_of_precomputed_log_probs(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    results = {}
+    for mode in ("precomputed", "copy"):
+        config = dpo_config(tmp_path / mode, tiny_model_dir, method="full", max_steps=4, learning_rate=1e-3)
+        config.dpo.reference = mode
+        result = train_dpo(config)
+        records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        results[mode] = (records, load_file(str(result.model_dir / "model.safetensors")))
+    (precomputed, weights), (copied, copy_weights) = results["precomputed"], results["copy"]
+    assert [r["step"] for r in copied] == [r["step"] for r in precomputed] and len(copied) == 5  # 4 steps + eval
+    for ours, theirs in zip(copied, precomputed, strict=True):
+        for key in ("loss", "rewards_chosen", "rewards_rejected", "reward_margin", "val_loss", "val_reward_margin"):
+            if key in theirs:
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
+    assert copied[-2]["rewards_chosen"] != 0.0  # the policy moved away from the reference: rewards are measured
+    assert all(torch.allclose(copy_weights[name], weights[name], atol=1e-6) for name in weights)
+
+
+def sft_pair_rows(path):
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Yes, done."}]}
+            for q in QUESTIONS]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tmp_path_factory, tiny_model_dir):
+    """A full and a LoRA SFT run folder (template chatml), trained enough to differ from the base."""
+    from sftune.recipes.sft import train
+
+    root = tmp_path_factory.mktemp("sft")
+    data = sft_pair_rows(root / "sft.jsonl")
+    runs = {}
+    for method in ("full", "lora"):
+        train_settings = {"method": method, "micro_batch_size": 2, "max_steps": 4, "learning_rate": 5e-3,
+                          "warmup_steps": 0, "progress": False, "precision": "fp32"}  # fmt: skip
+        config = load_config({
+            "model": {"name_or_path": str(tiny_model_dir)}, "data": {"train": str(data)},
+            "template": {"name": "chatml"}, "train": train_settings, "lora": {"r": 4},
+            "output": {"dir": str(root / method)},
+        })  # fmt: skip
+        runs[method] = train(config).run_dir
+    return runs
+
+
+def mean_logps(model, tokenizer, pairs_file):
+    """Mean chosen and rejected log-probs of the pairs in `pairs_file` under `model`."""
+    from sftune.data.preference import read_pairs
+
+    pairs, _ = read_pairs(str(pairs_file))
+    built, _ = build_pairs(pairs, tokenizer, resolve_template("chatml", tokenizer), 256)
+    with torch.no_grad():
+        logps, _ = sequence_logps(TokenLoss.for_model(model.eval()), make_pair_batch(built).batch)
+    return float(logps[: len(built)].mean()), float(logps[len(built) :].mean())
+
+
+@pytest.mark.parametrize(("sft_method", "adapter"), [("full", "merge"), ("lora", "merge"), ("lora", "continue")])
+def test_dpo_starts_from_an_sft_run_folder(tmp_path, tiny_model_dir, sft_runs, sft_method, adapter, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from sftune.infer.generate import load_for_inference
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    validation = write_pairs(tmp_path / "validation.jsonl", 4)
+    config = dpo_config(tmp_path, tiny_model_dir, max_steps=2, learning_rate=1e-9)  # the policy stays where it starts
+    config.model.name_or_path = str(sft_runs[sft_method])  # the run folder, not its model/
+    config.data.validation_fraction, config.data.validation = 0.0, str(validation)
+    config.dpo.adapter = adapter
+    result = train_dpo(config)
+
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)  # the reference is the starting (SFT) model
+    sft_model, tokenizer = load_for_inference(str(sft_runs[sft_method]), "cpu", "fp32")
+    sft = mean_logps(sft_model, tokenizer, validation)
+    base = mean_logps(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), tokenizer, validation)
+    assert abs(sft[0] - base[0]) > 0.05  # SFT changed the model
+    assert (records[-1]["val_logps_chosen"], records[-1]["val_logps_rejected"]) == pytest.approx(sft, rel=1e-4)
+    adapter_config = json.loads((result.model_dir / "adapter_config.json").read_text())
+    expected_base = {
+        ("full", "merge"): sft_runs["full"] / "model",
+        ("lora", "merge"): result.run_dir / "start_model",  # the SFT adapter merged, in the DPO run's folder
+        ("lora", "continue"): tiny_model_dir,
+    }[(sft_method, adapter)]
+    assert Path(adapter_config["base_model_name_or_path"]).resolve() == expected_base.resolve()
+    assert adapter_config["r"] == (4 if adapter == "continue" else 8)  # continued: the SFT adapter itself (r=4)
+
+
+def test_continuing_an_adapter_refuses_settings_that_cannot_work(tmp_path, tiny_model_dir, sft_runs):
+    from sftune.model.lora import AdapterError
+    from sftune.training.run import RunError
+
+    config = dpo_config(tmp_path, tiny_model_dir, max_steps=1)
+    config.model.name_or_path, config.dpo.adapter = str(sft_runs["lora"]), "continue"
+    config.dpo.reference = "adapter_off"
+    with pytest.raises(RunError, match="adapter_off cannot give the reference.*model before SFT"):
+        train_dpo(config)
+    config.train.method, config.output.overwrite = "full", True
+    with pytest.raises(AdapterError, match="trained with train.method=lora"):
+        train_dpo(config)

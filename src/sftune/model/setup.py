@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,12 +12,15 @@ from sftune.data.templates import ChatTemplate, install_template, resolve_templa
 from sftune.model.attention import ATTENTION
 from sftune.model.load import load_model, load_tokenizer, resolve_model_path
 from sftune.model.lora import prepare_model
+from sftune.model.start import continue_adapter
 
 
-def setup_tokenizer(config: Config) -> tuple[Any, ChatTemplate]:
-    """The model's tokenizer with the run's chat template set on it (so it is saved with the model)."""
-    model_path = resolve_model_path(config.model.name_or_path)
-    tokenizer = load_tokenizer(model_path, config.model.trust_remote_code, config.model.revision)
+def setup_tokenizer(config: Config, tokenizer: Any = None) -> tuple[Any, ChatTemplate]:
+    """The model's tokenizer (or the one given, e.g. an SFT adapter's) with the run's chat template set on it (so
+    it is saved with the model)."""
+    if tokenizer is None:
+        model_path = resolve_model_path(config.model.name_or_path)
+        tokenizer = load_tokenizer(model_path, config.model.trust_remote_code, config.model.revision)
     template = resolve_template(config.template.name, tokenizer)
     install_template(template, tokenizer)
     if tokenizer.pad_token_id is None:
@@ -25,8 +29,11 @@ def setup_tokenizer(config: Config) -> tuple[Any, ChatTemplate]:
     return tokenizer, template
 
 
-def setup_model(config: Config, tokenizer: Any, device: torch.device, precision: str) -> Any:
-    """Load the model, grow its embeddings for tokens the template added, and prepare it for full/LoRA/QLoRA."""
+def setup_model(
+    config: Config, tokenizer: Any, device: torch.device, precision: str, adapter_dir: Path | None = None
+) -> Any:
+    """Load the model, grow its embeddings for tokens the template added, and prepare it for full/LoRA/QLoRA
+    (or, given `adapter_dir`, put that saved adapter on it to train further)."""
     dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
     # Padding-free rows need attention that stays within each example: the segment attention does it without a mask.
     attention = ATTENTION if config.train.padding_free else "sdpa"
@@ -45,5 +52,7 @@ def setup_model(config: Config, tokenizer: Any, device: torch.device, precision:
     if config.train.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if adapter_dir is not None:  # an SFT adapter trained further (dpo.adapter=continue)
+        return continue_adapter(model, adapter_dir, config.train.method)
     # full / lora / qlora: which parameters train, whether the base is 4-bit; added tokens' rows always train
     return prepare_model(model, config, added_token_ids=list(range(base_vocab, len(tokenizer))))

@@ -3,12 +3,14 @@
 A micro-batch of n pairs is one padding-free row: the n chosen examples, then the n rejected ones (each attending
 only to itself). A sequence's log-probability is the sum of its response tokens' log-probabilities (the labels of
 the SFT mask: the response and its end-of-turn token, never the prompt). The reference is the same model with the
-adapter switched off (LoRA/QLoRA) or log-probabilities computed once before training; no second model copy.
+adapter switched off (LoRA/QLoRA) or log-probabilities computed once before training; no second model copy unless
+one is asked for (a frozen copy of the starting model).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +103,7 @@ class PreferenceLoss:
     loss: TokenLoss
     cfg: DPOConfig
     adapter_reference: bool
+    reference_copy: TokenLoss | None = None  # a frozen copy of the starting model (dpo.reference=copy)
     totals: dict[str, float] = field(default_factory=dict)
     pairs: int = 0
 
@@ -118,7 +121,9 @@ class PreferenceLoss:
 
     @torch.no_grad()
     def reference_logps(self, batch: Batch) -> torch.Tensor:
-        """The same model with its adapter switched off: the frozen base, no second copy."""
+        """The frozen copy where there is one; else the same model with its adapter switched off (no second copy)."""
+        if self.reference_copy is not None:
+            return sequence_logps(self.reference_copy, batch)[0]
         if not self.adapter_reference:
             raise ValueError("no reference log-probs for this batch: precompute them (dpo.reference=precomputed)")
         with self.loss.model.disable_adapter():
@@ -131,21 +136,35 @@ class PreferenceLoss:
         return means
 
 
+def frozen_copy(model: Any) -> TokenLoss:
+    """A frozen copy of the model as it starts, as the reference (dpo.reference=copy): exact, but it holds the
+    weights twice; the adapter switched off or precomputed log-probs give the same reference without it."""
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return TokenLoss.for_model(reference)
+
+
 def pair_count(pair_batch: PairBatch) -> int:
     return pair_batch.num_pairs
 
 
 @torch.no_grad()
 def precompute_reference(
-    loss: TokenLoss, pairs: list[PairExample], micro_batch_size: int, device: torch.device, autocast: Any = None
+    loss: TokenLoss,
+    pairs: list[PairExample],
+    micro_batch_size: int,
+    device: torch.device,
+    autocast: Any = None,
+    adapter_off: bool = True,
 ) -> list[tuple[float, float]]:
-    """(chosen, rejected) reference log-probs of every pair, in one pass before training, with the adapter off
-    where there is one."""
+    """(chosen, rejected) reference log-probs of every pair, in one pass before training: with the adapter off
+    where there is one, or (`adapter_off=False`, an SFT adapter trained on) the model as it starts."""
     was_training = loss.model.training
     loss.model.eval()
-    adapter_off = loss.model.disable_adapter() if hasattr(loss.model, "disable_adapter") else contextlib.nullcontext()
+    switch_off = adapter_off and hasattr(loss.model, "disable_adapter")
+    adapter_off_context = loss.model.disable_adapter() if switch_off else contextlib.nullcontext()
     results: list[tuple[float, float]] = []
-    with adapter_off, autocast or contextlib.nullcontext():
+    with adapter_off_context, autocast or contextlib.nullcontext():
         for start in range(0, len(pairs), micro_batch_size):
             chunk = pairs[start : start + micro_batch_size]
             logps = sequence_logps(loss, make_pair_batch(chunk).batch.to(device))[0].float().cpu()
