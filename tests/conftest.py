@@ -59,8 +59,9 @@ def build_tiny_tokenizer(out_dir: Path) -> Path:
     return out_dir
 
 
-def build_tiny_model(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama with random weights, saved with its tokenizer: a real HF folder in a few KB."""
+def build_tiny_model(out_dir: Path, tokenizer_dir: Path, seed: int = 0, **sizes: int) -> Path:
+    """A 2-layer Llama with random weights, saved with its tokenizer: a real HF folder in a few KB (`sizes`
+    overrides hidden_size, intermediate_size, ...)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -77,6 +78,7 @@ def build_tiny_model(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
+    config.update(sizes)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.save_pretrained(out_dir)

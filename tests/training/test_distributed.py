@@ -16,14 +16,23 @@ from pathlib import Path
 import pytest
 import yaml
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from sftune.config import GenerateConfig, load_config
 from sftune.data.types import Example
+from sftune.model.lora import quantize_base_to_nf4
 from sftune.recipes.generate import generate
 from sftune.recipes.sft import train
 from sftune.training.checkpoint import CheckpointError
-from sftune.training.distributed import Distributed, placeholder, rank_examples, split_micro_batch
-from tests.conftest import REPO
+from sftune.training.distributed import (
+    Distributed,
+    DistributedError,
+    check_nf4_shardable,
+    placeholder,
+    rank_examples,
+    split_micro_batch,
+)
+from tests.conftest import REPO, build_tiny_model, build_tiny_tokenizer
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
 PROMPTS = ["Say word word word", "Say word"]
@@ -133,6 +142,31 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, tiny_mode
             assert generate(str(run / "model"), settings, prompt) == generate(
                 str(reference / "model"), settings, prompt
             )
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_qlora_on_two_ranks_equals_one_rank(tmp_path, tmp_path_factory, strategy):
+    """QLoRA: DDP keeps the 4-bit base on every rank (never broadcast: NF4 would not survive it); FSDP2 shards it
+    where its packed parts divide by the world size (a model wide enough to have several scale groups per weight)."""
+    root = tmp_path_factory.mktemp("wide")
+    model_dir = build_tiny_model(
+        root / "model", build_tiny_tokenizer(root / "tok"), hidden_size=256, intermediate_size=512, head_dim=64
+    )
+    single = train(
+        load_config(str(write_config(tmp_path, model_dir, "single", "qlora", micro_batch_size=4, max_steps=3)))
+    )
+    run = run_two_processes(write_config(tmp_path, model_dir, "run", "qlora", strategy=strategy, max_steps=3))
+    ours, theirs = step_losses(run), step_losses(single.run_dir)
+    assert max(abs(a - b) / abs(b) for a, b in zip(ours, theirs, strict=True)) <= 1e-5
+    assert max_difference(weights(run), weights(single.run_dir)) <= 1e-5
+
+
+def test_fsdp2_refuses_4bit_weights_it_cannot_shard_evenly(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    quantize_base_to_nf4(model)  # 32 x 32 weights: 16 blocks of 64, one scale group: nothing to split in two
+    with pytest.raises(DistributedError, match="qlora with strategy fsdp2 on 2 processes.*train.strategy=ddp"):
+        check_nf4_shardable(model, 2)
+    check_nf4_shardable(model, 1)
 
 
 def test_a_two_process_run_killed_and_resumed_ends_as_the_uninterrupted_one(tmp_path, tiny_model_dir):

@@ -199,15 +199,38 @@ def wrap_model(module: LossModule, info: Distributed, device: torch.device) -> t
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [device.index] if device.type == "cuda" else None
+        # Frozen weights are the same base on every rank: not broadcast (a 4-bit NF4 weight would not survive it).
+        frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
         return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    check_nf4_shardable(module.model, info.world_size)
     mesh = init_device_mesh(device.type, (info.world_size,))
     for layer in decoder_layers(module.model):
         fully_shard(layer, mesh=mesh)
     fully_shard(module, mesh=mesh)
     return module
+
+
+def check_nf4_shardable(model: torch.nn.Module, world_size: int) -> None:
+    """FSDP2 shards a 4-bit NF4 weight (QLoRA) by splitting its rows and each of its packed inner tensors (codes,
+    block scales, their factors) evenly over the ranks; a weight whose parts do not divide is refused up front."""
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import _INNER_TENSOR_NAMES_FOR_SHARDING
+
+    for name, parameter in model.named_parameters():
+        if type(parameter).__name__ != "NF4Tensor":
+            continue
+        parts = {"rows": parameter.shape[0]}
+        parts |= {attr: getattr(parameter, attr).numel() for attr in _INNER_TENSOR_NAMES_FOR_SHARDING}
+        uneven = [f"{part} ({count})" for part, count in parts.items() if count % world_size]
+        if uneven:
+            raise DistributedError(
+                f"qlora with strategy fsdp2 on {world_size} processes: the 4-bit weight '{name}' cannot be sharded "
+                f"evenly ({', '.join(uneven)} not divisible by {world_size}). Use train.strategy=ddp (every rank "
+                "holds the 4-bit base, which is small), another number of processes, or train.method=lora"
+            )
 
 
 @contextlib.contextmanager
