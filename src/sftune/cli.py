@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--strict", action="store_true", help="exit 1 when any check fails")
     check.add_argument("--rejects", help="write every dropped row with its reason to this JSONL file")
     check.add_argument("--json", help="write the report as JSON to this file")
+    check.add_argument(
+        "--world-size", type=int, default=None, help="estimate memory per process of a run on N processes (ddp/fsdp2)"
+    )
     inspect = data_commands.add_parser("inspect", help="print examples with the supervised tokens highlighted")
     inspect.add_argument("config", help="YAML config file (the one you would train with)")
     inspect.add_argument("overrides", nargs="*", help="dotted overrides, e.g. template.mask=last_assistant")
@@ -254,7 +257,7 @@ def run_data(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, list(args.overrides))
     if args.data_command == "check":
-        report = run_check(config, args.rejects, args.json)
+        report = run_check(config, args.rejects, args.json, args.world_size)
         print(report.to_text())
         return 1 if args.strict and report.failed_checks() else 0
     inspect(config, args.n, args.ids, args.boundaries, args.html)

@@ -105,3 +105,22 @@ def test_memory_budget_switches_on_activation_checkpointing_only_where_needed(ca
     tight = fit_memory_budget(with_budget(memory["lora_gib"] - 0.01), memory)
     assert tight.train.gradient_checkpointing and "activation checkpointing on" in capsys.readouterr().out
     assert not fit_memory_budget(plain, memory).train.gradient_checkpointing  # no budget, no change
+
+
+def test_memory_per_process_follows_the_strategy_and_world_size():
+    """fsdp2 shards weights, gradients and optimizer state (per-process memory falls with more ranks, by at most the
+    sharded part); ddp keeps a full replica plus gradient buckets on every rank."""
+    model_config = LlamaConfig(**SMOLLM2)
+    estimates = {}
+    for strategy, world in (("auto", 1), ("ddp", 2), ("fsdp2", 2), ("fsdp2", 4)):
+        config = load_config({"data": {"train": "x.json"}, "train": {"strategy": strategy}})
+        estimates[strategy, world] = estimate_memory(model_config, config, 2048, world_size=world)
+    single, ddp, fsdp2, fsdp4 = estimates.values()
+    assert (single["strategy"], ddp["strategy"], fsdp2["strategy"]) == ("single", "ddp", "fsdp2")
+    for method in ("full", "lora", "qlora"):
+        assert ddp[f"{method}_gib"] >= single[f"{method}_gib"]
+        assert fsdp4[f"{method}_gib"] <= fsdp2[f"{method}_gib"] <= single[f"{method}_gib"] + 0.1
+    params = count_model_parameters(model_config)["total"]
+    # full: 16 bytes per weight (weights, 2 states, gradients) split over 4 ranks saves at least 3/4 x 12 bytes
+    assert single["full_gib"] - fsdp4["full_gib"] >= params * 12 * 0.75 / 2**30 - 0.05
+    assert ddp["full_gib"] - single["full_gib"] == pytest.approx(params * 4 / 2**30, abs=0.01)  # the buckets

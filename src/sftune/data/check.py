@@ -394,6 +394,7 @@ def render_report_text(report: DataReport) -> str:
             f"memory (estimate, {m['parameters'] / 1e6:.1f}M parameters, {m['micro_batch_tokens']} tokens per "
             f"micro-batch): full {m['full_gib']} GiB, LoRA r={m['lora_rank']} {m['lora_gib']} GiB, "
             f"QLoRA {m['qlora_gib']} GiB"
+            + (f" per process ({m['strategy']} on {m['world_size']})" if m.get("world_size", 1) > 1 else "")
         )
     return "\n".join(lines)
 

@@ -92,7 +92,11 @@ def estimate_dropout_bytes(model_config: Any, tokens: int, config: Config) -> in
 
 
 def estimate_memory(
-    model_config: Any, config: Config, micro_batch_tokens: int, sequence_length: int | None = None
+    model_config: Any,
+    config: Config,
+    micro_batch_tokens: int,
+    sequence_length: int | None = None,
+    world_size: int = 1,
 ) -> dict[str, Any]:
     """Pre-flight peak memory (GiB) for full, LoRA and QLoRA fine-tuning.
 
@@ -101,6 +105,11 @@ def estimate_memory(
     micro-batch and the gradients (gradients are freed between steps and fill in as backward frees the
     activations), and for LoRA/QLoRA the adapters of the targeted modules and their dropout copies. QLoRA
     loads the base in full precision first.
+
+    Per process of a `world_size` run (train.strategy): ddp keeps everything above on every rank, plus its
+    gradient buckets (one more copy of the trainable gradients); fsdp2 divides weights, gradients and optimizer
+    state by the world size and adds the layers it gathers whole (one in use, one prefetched). Activations are per
+    rank already (micro_batch_size is per rank); every rank loads the whole checkpoint before sharding.
     """
     length = sequence_length or micro_batch_tokens // config.train.micro_batch_size
     params = count_model_parameters(model_config)
@@ -113,13 +122,24 @@ def estimate_memory(
     loading = params["total"] * (checkpoint_bytes_per_parameter(model_config) + base_bytes)
     adapter_state = adapter * 16  # fp32 weights + grads + 2 AdamW states
     nf4 = params["linear"] * (0.5 + 1 / 64 + 4 / (64 * 256))  # 4-bit + double-quantized blockwise scales
+    strategy = strategy_for(config, world_size)
+    shards = world_size if strategy == "fsdp2" else 1
+    layer = params["linear"] // model_config.num_hidden_layers
+    gathered = {"full": 2 * layer * 4, "lora": 2 * layer * base_bytes, "qlora": 2 * layer * 0.5}
+    gathered = gathered if strategy == "fsdp2" else dict.fromkeys(gathered, 0)
+    buckets = {"full": params["total"] * 4, "lora": adapter * 4, "qlora": adapter * 4}
+    buckets = buckets if strategy == "ddp" else dict.fromkeys(buckets, 0)
     training = {
         # fp32 weights + 2 AdamW states, then activations (forward) or gradients (end of backward), whichever is larger
-        "full": params["total"] * 12 + max(activations, params["total"] * 4),
-        "lora": params["total"] * base_bytes + adapter_state + adapter_activations,
-        "qlora": nf4 + (params["embeddings"] + params["norms"]) * base_bytes + adapter_state + adapter_activations,
+        "full": params["total"] * 12 / shards + max(activations, params["total"] * 4 / shards),
+        "lora": (params["total"] * base_bytes + adapter_state) / shards + adapter_activations,
+        "qlora": (nf4 + (params["embeddings"] + params["norms"]) * base_bytes + adapter_state) / shards
+        + adapter_activations,
     }
+    training = {method: value + gathered[method] + buckets[method] for method, value in training.items()}
     return {
+        "strategy": strategy,
+        "world_size": world_size,
         "parameters": params["total"],
         "lora_rank": config.lora.r,
         "lora_target_modules": targets,
@@ -130,11 +150,18 @@ def estimate_memory(
         "loading_gib": round(loading / GIB, 3),
         "activations_gib": round(activations / GIB, 3),
         **{f"{method}_gib": round((RUNTIME_BYTES + max(loading, t)) / GIB, 3) for method, t in training.items()},
-        "assumptions": "peak = runtime + max(loading, training); full: fp32 weights + 2 AdamW states + "
+        "assumptions": "peak per process = runtime + max(loading, training); full: fp32 weights + 2 AdamW states + "
         "activations; LoRA: frozen base at model.dtype (auto=fp32) + adapter state of the targeted modules + "
         "activations + dropout copies; QLoRA: NF4 block linears, other weights at model.dtype, loaded in full "
-        "precision first",
+        "precision first; ddp: + gradient buckets; fsdp2: weights and states / world size + 2 gathered layers",
     }
+
+
+def strategy_for(config: Config, world_size: int) -> str:
+    """single (one process), or the strategy a run of `world_size` processes uses (train.strategy; auto = ddp)."""
+    if world_size <= 1:
+        return "single"
+    return "ddp" if config.train.strategy == "auto" else config.train.strategy
 
 
 def checkpoint_bytes_per_parameter(model_config: Any) -> int:

@@ -22,12 +22,19 @@ from sftune.training.data import check_training_data, write_rejections
 
 
 def run_check(
-    config: Config, rejects: str | Path | None = None, json_path: str | Path | None = None
+    config: Config,
+    rejects: str | Path | None = None,
+    json_path: str | Path | None = None,
+    world_size: int | None = None,
 ) -> DataReport | PairReport:
-    """Build the data report; optionally write every dropped row (JSONL) and the report (JSON)."""
+    """Build the data report; optionally write every dropped row (JSONL) and the report (JSON). `world_size`: the
+    memory estimate per process of a run on that many processes (train.strategy)."""
     pairs = is_preference_data(config.data.train)
     tokenizer, template = data_tokenizer(config, pairs)
-    report = check_pair_data(config, tokenizer, template) if pairs else check_training_data(config, tokenizer, template)
+    if pairs:
+        report: DataReport | PairReport = check_pair_data(config, tokenizer, template)
+    else:
+        report = check_training_data(config, tokenizer, template, world_size=world_size)
     if rejects:
         write_rejections(Path(rejects), report.rejections)
     if json_path:

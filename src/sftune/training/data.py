@@ -29,6 +29,7 @@ from sftune.data.templates import ChatTemplate
 from sftune.data.types import Conversation, Example, Prompt, Rejection
 from sftune.model.load import resolve_model_path
 from sftune.model.memory import estimate_memory, load_model_config
+from sftune.training.distributed import launched_world_size
 from sftune.training.run import RunError
 
 
@@ -75,6 +76,7 @@ def check_training_data(
     conversations: list[Conversation] | None = None,
     rejections: list[Rejection] | None = None,
     formats: dict[str, int] | None = None,
+    world_size: int | None = None,
 ) -> DataReport:
     """Build and check the training rows (read from config.data.train unless given), with the memory estimate
     for the configured model on their longest micro-batch."""
@@ -83,20 +85,22 @@ def check_training_data(
     else:
         built = build_configured(conversations, tokenizer, template, config)
         report = build_report(built, rejections or [], formats or {}, config, tokenizer, template)
-    report.memory = estimate_run_memory(config, [len(e.input_ids) for e in report.examples])
+    report.memory = estimate_run_memory(config, [len(e.input_ids) for e in report.examples], world_size)
     return report
 
 
-def estimate_run_memory(config: Config, lengths: list[int]) -> dict[str, Any] | None:
-    """The memory estimate for the configured model and method on the longest micro-batch of these examples;
-    None where the model's config cannot be read."""
+def estimate_run_memory(config: Config, lengths: list[int], world_size: int | None = None) -> dict[str, Any] | None:
+    """The memory estimate per process for the configured model, method and strategy on the longest micro-batch
+    of these examples (`world_size`: the processes of the run; None = as launched); None where the model's
+    config cannot be read."""
     model_config = load_model_config(resolve_model_path(config.model.name_or_path))
     if model_config is None:
         return None
+    world_size = launched_world_size() if world_size is None else world_size
     batch = longest_micro_batch(lengths, config.train.micro_batch_size)
-    memory = estimate_memory(model_config, config, *batch)
+    memory = estimate_memory(model_config, config, *batch, world_size=world_size)
     checkpointed = config.model_copy(update={"train": config.train.model_copy(update={"gradient_checkpointing": True})})
-    with_checkpointing = estimate_memory(model_config, checkpointed, *batch)
+    with_checkpointing = estimate_memory(model_config, checkpointed, *batch, world_size=world_size)
     memory["with_checkpointing_gib"] = {m: with_checkpointing[f"{m}_gib"] for m in ("full", "lora", "qlora")}
     return memory
 
