@@ -184,11 +184,18 @@ def launch_processes(nproc: int, argv: list[str]) -> int:
         rest.append(token)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     child = subprocess.Popen([*command, "-m", "sftune.cli", *rest])
-    previous = signal.signal(signal.SIGTERM, lambda number, frame: child.send_signal(number))
+    forwarded: list[int] = []
+
+    def forward(number: int, frame: Any) -> None:
+        forwarded.append(number)
+        child.send_signal(number)
+
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
-        return child.wait()
+        code = child.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
+    return 128 + forwarded[0] if forwarded else code  # stopped by a signal: the ranks checkpointed, as on one process
 
 
 def run_train(args: argparse.Namespace) -> None:
