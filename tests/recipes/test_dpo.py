@@ -233,6 +233,57 @@ def test_loss_rewards_and_gradients_match_trl_dpo_trainer(tiny_model_dir, tmp_pa
         torch.testing.assert_close(parameter.grad, trl_grads[name], atol=1e-4, rtol=1e-3, msg=name)
 
 
+def test_simpo_loss_rewards_and_gradients_match_trl_cpo_trainer(tiny_model_dir, tmp_path):
+    """The reference-free loss: SimPO is TRL's CPOTrainer with loss_type=simpo and cpo_alpha=0 (trl.experimental).
+    Same tiny model, TRL's own tokenized batch, beta and gamma: loss, rewards and gradients agree."""
+    pytest.importorskip("trl")
+    cpo = pytest.importorskip("trl.experimental.cpo")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftune.data.preference import PairExample
+    from sftune.data.types import Example
+
+    def policy_model():  # every weight nudged, so the two answers get clearly different log-probs
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+        return model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [{"prompt": q, "chosen": c, "rejected": r}
+            for q, c, r in [("Say yes.", " Yes, done.", " No!"), ("Agree?", " I agree.", " Never, ever.")]]  # fmt: skip
+    args = cpo.CPOConfig(output_dir=str(tmp_path), loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=0.5,
+                         per_device_train_batch_size=2, report_to="none", use_cpu=True, max_length=256)  # fmt: skip
+    trainer = cpo.CPOTrainer(model=policy_model(), args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=tokenizer)  # fmt: skip
+    batch = next(iter(trainer.get_train_dataloader()))
+    trl_loss, trl_metrics = trainer.get_batch_loss_metrics(trainer.model, batch)
+    trl_loss.backward()
+    trl_grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    def branch(name: str, row: int) -> Example:  # TRL's ids and labels (prompt masked) as an sftune example
+        length = int(batch[f"{name}_attention_mask"][row].sum())
+        return Example(
+            batch[f"{name}_input_ids"][row, :length].tolist(), batch[f"{name}_labels"][row, :length].tolist()
+        )
+
+    pairs = [PairExample(branch("chosen", i), branch("rejected", i), f"p{i}") for i in range(2)]
+    ours = policy_model()
+    objective = PreferenceLoss(TokenLoss.for_model(ours), DPOConfig(loss="simpo", beta=2.0, simpo_gamma=0.5), False)
+    our_loss = objective(make_pair_batch(pairs)) / len(pairs)
+    our_loss.backward()
+    torch.testing.assert_close(our_loss, trl_loss.detach(), atol=1e-4, rtol=1e-4)
+    metrics = objective.window_metrics()
+    assert metrics["rewards_chosen"] == pytest.approx(trl_metrics["rewards/chosen"], abs=1e-4)
+    assert metrics["rewards_rejected"] == pytest.approx(trl_metrics["rewards/rejected"], abs=1e-4)
+    assert abs(metrics["rewards_chosen"] - metrics["rewards_rejected"]) > 1e-3  # the answers really differ
+    for name, parameter in ours.named_parameters():
+        torch.testing.assert_close(parameter.grad, trl_grads[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
 def test_a_frozen_reference_copy_gives_the_loss_of_precomputed_log_probs(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     results = {}
