@@ -130,6 +130,8 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, tiny_mode
     assert difference <= 1e-5
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["global_step"] == 6
+    report, report_ref = (json.loads((r / "data_report.json").read_text()) for r in (run, reference))
+    assert report["tokens_to_train"] == report_ref["tokens_to_train"]  # the same epochs: micro-batch x world size
     # the validation loss too: sharded over the ranks, summed, the same as one process's
     val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
     val_ref = [

@@ -331,10 +331,12 @@ def percentiles(values: list[int]) -> dict[str, int]:
     return {"p50": rank(50), "p90": rank(90), "p99": rank(99), "max": ordered[-1]}
 
 
-def tokens_to_train(examples: list[Example], config: Config) -> dict[str, float]:
+def tokens_to_train(examples: list[Example], config: Config, world_size: int = 1) -> dict[str, float]:
+    """Epochs and tokens the run will train (a step of a distributed run holds micro-batch x world size examples)."""
     train = config.train
     if train.max_steps:
-        epochs = train.max_steps * train.micro_batch_size * train.gradient_accumulation_steps / max(1, len(examples))
+        per_step = train.micro_batch_size * train.gradient_accumulation_steps * world_size
+        epochs = train.max_steps * per_step / max(1, len(examples))
     else:
         epochs = train.epochs
     supervised = sum(e.num_supervised for e in examples)

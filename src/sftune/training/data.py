@@ -21,6 +21,7 @@ from sftune.data.check import (
     check_data,
     check_mask,
     summarize_validation,
+    tokens_to_train,
 )
 from sftune.data.dataset import PreparedData
 from sftune.data.formats import read_conversations, split_validation
@@ -85,7 +86,9 @@ def check_training_data(
     else:
         built = build_configured(conversations, tokenizer, template, config)
         report = build_report(built, rejections or [], formats or {}, config, tokenizer, template)
+    world_size = launched_world_size() if world_size is None else world_size
     report.memory = estimate_run_memory(config, [len(e.input_ids) for e in report.examples], world_size)
+    report.tokens_to_train = tokens_to_train(report.examples, config, world_size)
     return report
 
 
