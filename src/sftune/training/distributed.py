@@ -62,6 +62,14 @@ class Distributed:
         """True on every rank when `flag` is true on any (a stop request that reached only some ranks)."""
         return self.all_sum(float(flag))[0] > 0 if self.enabled else flag
 
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `tensor` on every rank (the others pass one of the same shape and dtype), on the CPU."""
+        if not self.enabled:
+            return tensor
+        on_wire = tensor.to(self.collective_device)
+        dist.broadcast(on_wire, src=0)
+        return on_wire.cpu()
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
@@ -159,6 +167,15 @@ def rank_examples(
         [examples[i] for i in share] or [empty(examples[indices[0]])]
         for share, indices in zip(shares, window, strict=True)
     ]
+
+
+def rank_chunks(count: int, size: int, info: Distributed) -> list[slice | None]:
+    """This rank's chunks of `size` consecutive items out of `count` (evaluation), dealt round-robin over the ranks:
+    one entry per round, all ranks the same number of rounds; None where this rank has no chunk left and runs a
+    placeholder (FSDP2 needs every rank in every forward). One process: every chunk, in order."""
+    starts = list(range(0, count, size))
+    mine, rounds = starts[info.rank :: info.world_size], -(-len(starts) // info.world_size)
+    return [slice(mine[r], mine[r] + size) if r < len(mine) else None for r in range(rounds)]
 
 
 # ---------------------------------------------------------------------------------------------- model

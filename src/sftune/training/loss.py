@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from sftune.config import UserError
 from sftune.data.batching import Batch, make_batch
 from sftune.data.types import IGNORE_INDEX, Example
-from sftune.training.distributed import SINGLE, Distributed, LossModule, placeholder
+from sftune.training.distributed import SINGLE, Distributed, LossModule, placeholder, rank_chunks
 
 # Config attributes that change logits after the head: the split would compute the wrong logits for them.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
@@ -199,14 +199,9 @@ def mean_token_loss(
     with fewer batches runs placeholders (FSDP2 needs every rank in every forward)."""
     was_training = loss.model.training
     loss.model.eval()
-    starts = list(range(0, len(examples), micro_batch_size))
-    mine, rounds = starts[info.rank :: info.world_size], -(-len(starts) // info.world_size)
     total, tokens = 0.0, 0
-    for index in range(rounds):
-        if index < len(mine):
-            chunk = examples[mine[index] : mine[index] + micro_batch_size]
-        else:
-            chunk = [placeholder(examples[0])]
+    for part in rank_chunks(len(examples), micro_batch_size, info):
+        chunk = examples[part] if part is not None else [placeholder(examples[0])]
         batch = make_batch(chunk, pad_id, padding_free).to(device)
         with autocast:
             total += loss(batch).item()

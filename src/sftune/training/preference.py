@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,15 +21,17 @@ from sftune.config import DPOConfig
 from sftune.data.batching import Batch, collate_packed
 from sftune.data.preference import PairExample
 from sftune.data.types import IGNORE_INDEX
+from sftune.training.distributed import SINGLE, Distributed, placeholder
 from sftune.training.loss import TokenLoss
 
 
 @dataclass
 class PairBatch:
     batch: Batch  # one row: chosen examples, then rejected examples
-    num_pairs: int
+    num_pairs: int  # the pairs that count (placeholders do not)
     sources: list[str]
     reference: torch.Tensor | None = None  # [2 * pairs]: reference log-probs, chosen then rejected
+    weights: torch.Tensor | None = None  # [pairs]: 1.0 for a pair, 0.0 for a placeholder (None: all count)
 
 
 def make_pair_batch(pairs: list[PairExample], reference: list[tuple[float, float]] | None = None) -> PairBatch:
@@ -37,7 +39,50 @@ def make_pair_batch(pairs: list[PairExample], reference: list[tuple[float, float
     ref = None
     if reference is not None:
         ref = torch.tensor([r[0] for r in reference] + [r[1] for r in reference], dtype=torch.float32)
-    return PairBatch(collate_packed(examples), len(pairs), [p.source for p in pairs], ref)
+    counted = [supervises_tokens(p) for p in pairs]
+    weights = None if all(counted) else torch.tensor(counted, dtype=torch.float32)
+    return PairBatch(collate_packed(examples), sum(counted), [p.source for p in pairs], ref, weights)
+
+
+def supervises_tokens(pair: PairExample) -> bool:
+    """A pair counts when its branches supervise tokens; one that supervises none (a placeholder) has no log-prob
+    to compare and counts for nothing: not in the loss, the pair count or the metrics."""
+    return any(label != IGNORE_INDEX for label in pair.chosen.labels + pair.rejected.labels)
+
+
+def pair_placeholder(pair: PairExample) -> PairExample:
+    """What a rank with no pair in a micro-batch runs (`rank_examples`): the pair with nothing supervised, so its
+    forward and backward match the other ranks' collectives and add exactly zero."""
+    return replace(pair, chosen=placeholder(pair.chosen), rejected=placeholder(pair.rejected),
+                   source=f"{pair.source} (placeholder)")  # fmt: skip
+
+
+# A pair and its precomputed reference log-probs (chosen, rejected); None where the reference is computed live.
+ReferencedPair = tuple[PairExample, tuple[float, float] | None]
+
+
+def with_reference(pairs: list[PairExample], reference: list[tuple[float, float]] | None) -> list[ReferencedPair]:
+    if reference is None:
+        return [(pair, None) for pair in pairs]
+    return list(zip(pairs, reference, strict=True))
+
+
+def referenced_placeholder(item: ReferencedPair) -> ReferencedPair:
+    return pair_placeholder(item[0]), None if item[1] is None else (0.0, 0.0)
+
+
+def make_referenced_batch(items: list[ReferencedPair]) -> PairBatch:
+    references = [reference for _, reference in items if reference is not None]
+    return make_pair_batch([pair for pair, _ in items], references if len(references) == len(items) else None)
+
+
+def referenced_length(item: ReferencedPair) -> int:
+    return pair_length(item[0])
+
+
+def pair_length(pair: PairExample) -> int:
+    """Tokens of both branches: what a rank's share of a micro-batch is balanced on."""
+    return len(pair.chosen.input_ids) + len(pair.rejected.input_ids)
 
 
 def sequence_logps(loss: TokenLoss, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,10 +159,12 @@ class PreferenceLoss:
             reference = self.reference_logps(pair_batch.batch)
         reference = None if reference is None else reference.to(policy.device)
         losses, metrics = preference_loss(policy, reference, counts, self.cfg)
+        weights = None if pair_batch.weights is None else pair_batch.weights.to(policy.device)
         for name, values in metrics.items():
+            values = values if weights is None else values * weights
             self.totals[name] = self.totals.get(name, 0.0) + float(values.sum())
         self.pairs += pair_batch.num_pairs
-        return losses.sum()
+        return losses.sum() if weights is None else (losses * weights).sum()  # a placeholder: a zero in the graph
 
     @torch.no_grad()
     def reference_logps(self, batch: Batch) -> torch.Tensor:
@@ -129,9 +176,11 @@ class PreferenceLoss:
         with self.loss.model.disable_adapter():
             return sequence_logps(self.loss, batch)[0]
 
-    def window_metrics(self) -> dict[str, float]:
-        """Means over the pairs since the last call."""
-        means = {name: total / max(1, self.pairs) for name, total in self.totals.items()}
+    def window_metrics(self, info: Distributed = SINGLE) -> dict[str, float]:
+        """Means over the pairs since the last call; on several processes over every rank's pairs (the sums and
+        the count all-reduced: every rank calls this at the same point)."""
+        *totals, pairs = info.all_sum(*self.totals.values(), self.pairs)
+        means = {name: total / max(1, pairs) for name, total in zip(self.totals, totals, strict=True)}
         self.totals, self.pairs = {}, 0
         return means
 
