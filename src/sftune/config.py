@@ -114,7 +114,7 @@ class LoraConfig(_Section):
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r.")
     use_dora: bool = Field(False, description="DoRA: learn a magnitude vector on top of the LoRA direction.")
     fuse_shared_inputs: bool = Field(
-        False,
+        True,
         description="Compute the adapters that read one input (q/k/v, gate/up) as one product and add each update "
         "into the base output in one step; same results as PEFT, saved as PEFT adapters (dropout: one mask per input).",
     )
