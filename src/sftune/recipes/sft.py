@@ -26,6 +26,7 @@ from sftune.training.distributed import (
 )
 from sftune.training.evaluation import evaluate_and_log, log_samples
 from sftune.training.loss import TokenLoss
+from sftune.training.memory import return_freed_memory
 from sftune.training.metrics import MetricsLog, Throughput, log_step, progress_bar
 from sftune.training.optim import build_optimizer, build_scheduler
 from sftune.training.outputs import save_outputs
@@ -53,6 +54,7 @@ def train(config: Config, resume: str | None = None, resume_changed: bool = Fals
     device, precision = setup_device(config)
     info = init_distributed(config, device)  # one process: SINGLE, and every collective below is a no-op
     device = training_device(device, info)
+    print(return_freed_memory(device))  # CPU: freed activations leave RSS (glibc's mmap threshold fixed)
     run_dir = setup_run_dir(config, resume, info)
     seed_everything(config.train.seed)
     tokenizer, template = setup_tokenizer(config)
