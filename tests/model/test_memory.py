@@ -44,10 +44,11 @@ def test_memory_estimate_orders_full_lora_qlora():
     for method in ("full", "lora", "qlora"):  # the CPU load peak (mapped file + weights) is a floor for every method
         assert memory[f"{method}_gib"] >= memory["runtime_gib"] + memory["loading_gib"] - 1e-3
 
-    # LoRA dropout keeps a copy of every adapted input: (6 x 576 + 1536) values + mask bytes per layer and token.
+    # LoRA dropout keeps a copy of every adapted input, once per shared input with the fused adapters (the default):
+    # q/k/v one, gate/up one, o and down one each = (3 x 576 + 1536) values + mask bytes per layer and token.
     dropout = load_config({"data": {"train": "x.json"}, "lora": {"dropout": 0.05}})
     with_dropout = estimate_memory(model_config, dropout, micro_batch_tokens=2048)
-    added = 2048 * 30 * (6 * 576 + 1536) * 5 / 2**30
+    added = 2048 * 30 * (3 * 576 + 1536) * 5 / 2**30
     assert with_dropout["lora_gib"] - memory["lora_gib"] == pytest.approx(added, abs=2e-3)
     assert with_dropout["full_gib"] == memory["full_gib"]
 
@@ -75,9 +76,9 @@ def test_memory_estimate_counts_only_the_modules_lora_targets():
     assert every["qlora_gib"] > q_v["qlora_gib"]
     assert every["full_gib"] == q_v["full_gib"]  # full fine-tuning has no adapters
     assert q_v["lora_target_modules"] == ["q_proj", "v_proj"]
-    # Dropout copies: in_features of each targeted linear (q and v read the hidden state), 5 bytes per value.
+    # Dropout copies: in_features per shared input (q and v read the same hidden state: one copy), 5 bytes per value.
     no_dropout = memory(["q_proj", "v_proj"], dropout=0.0)
-    added = 2048 * layers * (2 * hidden) * 5 / 2**30
+    added = 2048 * layers * hidden * 5 / 2**30
     assert q_v["lora_gib"] - no_dropout["lora_gib"] == pytest.approx(added, abs=2e-3)
     # A path suffix matches as PEFT matches it; a name that is no block linear is reported, not silently counted.
     assert lora_targets(model_config, ["self_attn.q_proj", "c_attn"]) == (["q_proj"], ["c_attn"])
@@ -124,3 +125,22 @@ def test_memory_per_process_follows_the_strategy_and_world_size():
     # full: 16 bytes per weight (weights, 2 states, gradients) split over 4 ranks saves at least 3/4 x 12 bytes
     assert single["full_gib"] - fsdp4["full_gib"] >= params * 12 * 0.75 / 2**30 - 0.05
     assert ddp["full_gib"] - single["full_gib"] == pytest.approx(params * 4 / 2**30, abs=0.01)  # the buckets
+
+
+def test_dropout_copies_follow_lora_fusion():
+    """Unfused, each adapter keeps its own dropout copy of its input; fused, one copy per shared input (q/k/v one,
+    gate/up one), so the estimate counts 4 inputs per layer instead of 7."""
+    from sftune.model.memory import estimate_dropout_bytes
+
+    model_config = LlamaConfig(**SMOLLM2)
+    per_adapter, fused = (
+        estimate_dropout_bytes(
+            model_config,
+            100,
+            load_config({"data": {"train": "x.json"}, "lora": {"dropout": 0.1, "fuse_shared_inputs": f}}),
+        )
+        for f in (False, True)
+    )
+    hidden, inter = 576, 1536
+    assert per_adapter == 100 * 30 * (6 * hidden + inter) * 5
+    assert fused == 100 * 30 * (3 * hidden + inter) * 5

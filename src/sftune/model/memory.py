@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from sftune.config import Config
+from sftune.model.fused_lora import SHARED_INPUT_GROUPS
 
 # Python + torch + transformers + peft after import, before any model (CPU, measured by bench/methods.py).
 RUNTIME_BYTES = int(0.35 * 1024**3)
@@ -88,7 +89,10 @@ def estimate_dropout_bytes(model_config: Any, tokens: int, config: Config) -> in
     shapes = block_linears(model_config)
     targets, _ = lora_targets(model_config, config.lora.target_modules)
     layers = 1 if config.train.gradient_checkpointing else model_config.num_hidden_layers
-    return int(tokens * layers * sum(shapes[name][0] for name in targets) * 5)
+    copies = {name: name for name in targets}
+    if config.lora.fuse_shared_inputs:  # one dropout copy per shared input (model/fused_lora.py)
+        copies |= {name: group[0] for group in SHARED_INPUT_GROUPS for name in group if name in copies}
+    return int(tokens * layers * sum(shapes[name][0] for name in set(copies.values())) * 5)
 
 
 def estimate_memory(

@@ -49,6 +49,7 @@ from sftune.training.distributed import (
     wrap_model,
 )
 from sftune.training.loss import TokenLoss
+from sftune.training.memory import return_freed_memory
 from sftune.training.metrics import MetricsLog, Throughput, log_step, progress_bar
 from sftune.training.optim import build_optimizer, build_scheduler
 from sftune.training.outputs import save_outputs
@@ -88,6 +89,7 @@ def train_dpo(config: Config, resume: str | None = None, resume_changed: bool = 
     device, precision = setup_device(config)
     info = init_distributed(config, device)  # one process: SINGLE, and every collective below is a no-op
     device = training_device(device, info)
+    print(return_freed_memory(device))  # CPU: freed activations leave RSS (glibc's mmap threshold fixed)
     run_dir = setup_run_dir(config, resume, info)
     start, start_config = setup_start(config, run_dir, info)  # before seeding: a merge done or reused draws no numbers
     seed_everything(config.train.seed)
