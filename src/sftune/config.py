@@ -168,6 +168,12 @@ class TrainConfig(_Section):
     num_threads: int | None = Field(None, gt=0, description="torch CPU threads (null: torch's default).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train; auto = cuda if present.")
     progress: bool = Field(True, description="Show a progress bar.")
+    release_freed_memory: bool = Field(
+        False,
+        description="CPU: return freed activation memory to the OS at once (glibc mmap threshold fixed at 128 KiB). "
+        "Peak RSS on the default model's bench: LoRA 4.76 -> 2.70 GiB, full 5.1 -> 4.4 GiB, for about 25% more CPU "
+        "time (every step's activations are faulted in afresh).",
+    )
     strategy: Literal["auto", "ddp", "fsdp2"] = Field(
         "auto",
         description="Under torchrun / srun with several processes: ddp (every rank holds the whole model, gradients "

@@ -89,7 +89,8 @@ def train_dpo(config: Config, resume: str | None = None, resume_changed: bool = 
     device, precision = setup_device(config)
     info = init_distributed(config, device)  # one process: SINGLE, and every collective below is a no-op
     device = training_device(device, info)
-    print(return_freed_memory(device))  # CPU: freed activations leave RSS (glibc's mmap threshold fixed)
+    if config.train.release_freed_memory:  # CPU: freed activations leave RSS at once, for more CPU time
+        print(return_freed_memory(device))
     run_dir = setup_run_dir(config, resume, info)
     start, start_config = setup_start(config, run_dir, info)  # before seeding: a merge done or reused draws no numbers
     seed_everything(config.train.seed)

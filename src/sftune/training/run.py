@@ -123,7 +123,8 @@ def steps_per_epoch(config: Config, num_examples: int, world_size: int = 1) -> i
 # anything else (data, template, model, adapters, seed, batch geometry, optimizer settings) needs --resume-changed.
 RESUME_FREE_KEYS = {
     "train": {"max_steps", "epochs", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every",
-              "num_threads", "device", "memory_budget_gib"},
+              "num_threads", "device", "memory_budget_gib",
+              "release_freed_memory"},
     "output": {"dir", "overwrite", "save_dtype"},
     "eval": None,  # the whole section
     "generate": None,
