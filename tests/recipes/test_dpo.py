@@ -168,6 +168,18 @@ def test_the_shipped_dpo_example_runs_from_the_cli(tmp_path, tiny_model_dir):
     assert (tmp_path / "run" / "model" / "adapter_config.json").is_file()
 
 
+def nudged_model(model_dir, seed: int):
+    """The tiny model in fp32 with every weight moved by N(0, 0.05^2) noise of `seed`: a policy that differs from it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_loss_rewards_and_gradients_match_trl_dpo_trainer(tiny_model_dir, tmp_path, loss_type):
     """Same tiny model, the same tokenized batch (TRL's own), the same beta: TRL's DPOTrainer and sftune agree."""
@@ -179,12 +191,7 @@ def test_loss_rewards_and_gradients_match_trl_dpo_trainer(tiny_model_dir, tmp_pa
     from sftune.data.types import Example
 
     def policy_model():  # the reference model with every weight nudged: rewards are not zero
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-        return model
+        return nudged_model(tiny_model_dir, seed=0)
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": c}],
@@ -239,18 +246,13 @@ def test_simpo_loss_rewards_and_gradients_match_trl_cpo_trainer(tiny_model_dir, 
     pytest.importorskip("trl")
     cpo = pytest.importorskip("trl.experimental.cpo")
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from sftune.data.preference import PairExample
     from sftune.data.types import Example
 
     def policy_model():  # every weight nudged, so the two answers get clearly different log-probs
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-        return model
+        return nudged_model(tiny_model_dir, seed=1)
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = [{"prompt": q, "chosen": c, "rejected": r}

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from sftune.config import Config
-from sftune.data.batching import window_micro_batches
 from sftune.data.check import MASK_CHECKS
 from sftune.data.formats import split_validation
 from sftune.data.pair_check import PairReport, build_pair_report
@@ -78,6 +77,7 @@ from sftune.training.run import (
     setup_device,
     setup_run_dir,
     steps_per_epoch,
+    window_indices,
 )
 from sftune.training.step import backward_window, optimizer_step
 
@@ -134,11 +134,7 @@ def train_dpo(config: Config, resume: str | None = None, resume_changed: bool = 
     model.train()
     with StopRequest() as stop:  # SIGTERM / Ctrl-C: finish the step, checkpoint, stop
         while state.global_step < total_steps:
-            window = window_micro_batches(
-                len(train_pairs), cfg.seed, state.epoch, state.window,
-                cfg.micro_batch_size * info.world_size,  # the global micro-batch, split across the ranks
-                cfg.gradient_accumulation_steps, config.data.shuffle,
-            )  # fmt: skip
+            window = window_indices(config, len(train_pairs), state, info.world_size)  # split across ranks below
             shares = rank_examples(window, train_items, referenced_length, info, referenced_placeholder)
             batches = [batch_to(make_referenced_batch(share), device) for share in shares]
             step_loss = backward_window(batches, trainer, autocast, count=pair_count, info=info)

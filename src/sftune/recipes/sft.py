@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sftune.config import Config
-from sftune.data.batching import make_batch, window_micro_batches
+from sftune.data.batching import make_batch
 from sftune.model.memory import fit_memory_budget
 from sftune.model.setup import setup_model, setup_tokenizer
 from sftune.training.checkpoint import save_checkpoint
@@ -43,6 +43,7 @@ from sftune.training.run import (
     setup_device,
     setup_run_dir,
     steps_per_epoch,
+    window_indices,
 )
 from sftune.training.step import backward_window, optimizer_step
 
@@ -98,15 +99,7 @@ def train(config: Config, resume: str | None = None, resume_changed: bool = Fals
     model.train()
     with StopRequest() as stop:  # SIGTERM / Ctrl-C: finish the step, checkpoint, stop
         while state.global_step < total_steps:
-            window = window_micro_batches(
-                len(data.train),
-                cfg.seed,
-                state.epoch,
-                state.window,
-                cfg.micro_batch_size * info.world_size,  # the global micro-batch, split across the ranks
-                cfg.gradient_accumulation_steps,
-                config.data.shuffle,
-            )
+            window = window_indices(config, len(data.train), state, info.world_size)  # split across ranks below
             examples = rank_examples(window, data.train, lambda e: len(e.input_ids), info)
             batches = [make_batch(chunk, pad_id, cfg.padding_free).to(device) for chunk in examples]
             step_loss = backward_window(batches, trainer, autocast, info=info)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sftune.config import Config, UserError, config_to_yaml
-from sftune.data.batching import accumulation_windows
+from sftune.data.batching import accumulation_windows, window_micro_batches
 from sftune.model.load import bf16_supported, resolve_device
 from sftune.training.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint
 from sftune.training.distributed import SINGLE, Distributed
@@ -111,6 +111,15 @@ def count_total_steps(config: Config, num_examples: int, world_size: int = 1) ->
         return cfg.max_steps
     per_epoch = steps_per_epoch(config, num_examples, world_size)
     return max(1, round(cfg.epochs * per_epoch))
+
+
+def window_indices(config: Config, num_examples: int, state: TrainerState, world_size: int = 1) -> list[list[int]]:
+    """Example indices of each global micro-batch (micro-batch x world size, split across the ranks after) of the
+    window `state` is at: a function of (seed, epoch, window) only, so resume recomputes it."""
+    cfg = config.train
+    global_micro_batch = cfg.micro_batch_size * world_size
+    return window_micro_batches(num_examples, cfg.seed, state.epoch, state.window, global_micro_batch,
+                                cfg.gradient_accumulation_steps, config.data.shuffle)  # fmt: skip
 
 
 def steps_per_epoch(config: Config, num_examples: int, world_size: int = 1) -> int:
