@@ -78,6 +78,16 @@ def timed(name, function):
 
 if os.environ.get("BENCH_GLIBC_DEFAULTS"):  # the "before": training/memory.py's threshold not set
     sft.return_freed_memory = lambda device: "host memory: glibc defaults (BENCH_GLIBC_DEFAULTS)"
+if os.environ.get("BENCH_TRIM"):  # experiment: glibc's malloc_trim(0) after every micro-batch's backward
+    import contextlib
+    import sftune.training.step as step_module
+    untrimmed_sync = step_module.gradient_sync
+    @contextlib.contextmanager
+    def trimmed_sync(*args, **kwargs):
+        with untrimmed_sync(*args, **kwargs):
+            yield
+        libc.malloc_trim(0)
+    step_module.gradient_sync = trimmed_sync
 # Phase marks only: the wrapped functions run unchanged.
 sft.setup_data = timed("data", sft.setup_data)
 sft.setup_model = timed("model", sft.setup_model)

@@ -118,6 +118,12 @@ class LoraConfig(_Section):
         description="Compute the adapters that read one input (q/k/v, gate/up) as one product and add each update "
         "into the base output in one step; same results as PEFT, saved as PEFT adapters (dropout: one mask per input).",
     )
+    base_dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="Dtype of the frozen base linears under lora (not qlora): bf16 halves their memory and, where "
+        "bf16 is native, speeds their products; adapters, norms, embeddings and the loss keep the training "
+        "precision. auto = bf16 where the CPU/GPU computes bf16 natively (detected) and the run is not FSDP2-sharded.",
+    )
 
 
 class TrainConfig(_Section):
@@ -153,7 +159,12 @@ class TrainConfig(_Section):
         description="fp32; bf16-mixed (fp32 weights, bf16 autocast); bf16-true (bf16 weights); "
         "auto = bf16-mixed where supported.",
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Recompute activations in backward to save memory. auto: on for lora on a bf16 frozen base "
+        "(lora.base_dtype), where the recompute costs little, and wherever the memory estimate is above "
+        "train.memory_budget_gib; off otherwise.",
+    )
     memory_budget_gib: float | None = Field(
         None,
         gt=0,

@@ -90,7 +90,8 @@ def test_memory_budget_switches_on_activation_checkpointing_only_where_needed(ca
     from sftune.model.memory import fit_memory_budget
 
     model_config = LlamaConfig(**SMOLLM2)
-    plain = load_config({"data": {"train": "x.json"}, "train": {"method": "lora"}})
+    # As training/run.resolve_auto_settings leaves it where recomputing is not cheap (an fp32 frozen base)
+    plain = load_config({"data": {"train": "x.json"}, "train": {"method": "lora", "gradient_checkpointing": False}})
     memory = estimate_memory(model_config, plain, micro_batch_tokens=4096)
     checkpointed = load_config(
         {"data": {"train": "x.json"}, "train": {"method": "lora", "gradient_checkpointing": True}}
@@ -99,7 +100,8 @@ def test_memory_budget_switches_on_activation_checkpointing_only_where_needed(ca
     assert memory["with_checkpointing_gib"]["lora"] < memory["lora_gib"]
 
     def with_budget(gib):
-        return load_config({"data": {"train": "x.json"}, "train": {"method": "lora", "memory_budget_gib": gib}})
+        train = {"method": "lora", "memory_budget_gib": gib, "gradient_checkpointing": False}
+        return load_config({"data": {"train": "x.json"}, "train": train})
 
     roomy = fit_memory_budget(with_budget(memory["lora_gib"] + 1), memory)
     assert not roomy.train.gradient_checkpointing and "within" in capsys.readouterr().out
@@ -144,3 +146,14 @@ def test_dropout_copies_follow_lora_fusion():
     hidden, inter = 576, 1536
     assert per_adapter == 100 * 30 * (6 * hidden + inter) * 5
     assert fused == 100 * 30 * (3 * hidden + inter) * 5
+
+
+def test_a_bf16_frozen_base_halves_the_block_linears_in_the_lora_estimate():
+    model_config = LlamaConfig(**SMOLLM2)
+    estimates = {}
+    for base in ("fp32", "bf16"):
+        config = load_config({"data": {"train": "x.json"}, "train": {"method": "lora"}, "lora": {"base_dtype": base}})
+        estimates[base] = estimate_memory(model_config, config, micro_batch_tokens=8192)  # training above loading
+    saved = count_model_parameters(model_config)["linear"] * 2 / 2**30  # 4 -> 2 bytes per block-linear weight
+    assert estimates["fp32"]["lora_gib"] - estimates["bf16"]["lora_gib"] == pytest.approx(saved, abs=2e-3)
+    assert estimates["fp32"]["full_gib"] == estimates["bf16"]["full_gib"]  # full trains every weight in fp32

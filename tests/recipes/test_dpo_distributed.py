@@ -78,7 +78,7 @@ def write_config(
         "model": {"name_or_path": str(model_dir)},
         "data": {"train": str(tmp_path / "train.jsonl"), "validation": str(tmp_path / "validation.jsonl")},
         "template": {"name": "chatml"},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "base_dtype": "fp32"},  # exact equality
         "dpo": {"beta": 0.5, "reference": reference},
         "train": settings,
         "output": {"dir": str(tmp_path / name), "save_dtype": "fp32"},

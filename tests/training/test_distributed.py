@@ -66,7 +66,7 @@ def write_config(tmp_path: Path, model_dir: Path, name: str, method: str, **trai
     config = {
         "model": {"name_or_path": str(model_dir)},
         "data": {"train": str(write_data(tmp_path / "data.json")), "validation_fraction": 0.2},
-        "lora": {"r": 4, "alpha": 8},
+        "lora": {"r": 4, "alpha": 8, "base_dtype": "fp32"},  # exact equality: no bf16 rounding
         "train": settings,
         "output": {"dir": str(tmp_path / name), "save_dtype": "fp32"},
     }

@@ -88,7 +88,7 @@ def estimate_dropout_bytes(model_config: Any, tokens: int, config: Config) -> in
         return 0
     shapes = block_linears(model_config)
     targets, _ = lora_targets(model_config, config.lora.target_modules)
-    layers = 1 if config.train.gradient_checkpointing else model_config.num_hidden_layers
+    layers = 1 if config.train.gradient_checkpointing is True else model_config.num_hidden_layers
     copies = {name: name for name in targets}
     if config.lora.fuse_shared_inputs:  # one dropout copy per shared input (model/fused_lora.py)
         copies |= {name: group[0] for group in SHARED_INPUT_GROUPS for name in group if name in copies}
@@ -119,24 +119,29 @@ def estimate_memory(
     params = count_model_parameters(model_config)
     targets, unknown = lora_targets(model_config, config.lora.target_modules)
     adapter = count_lora_parameters(model_config, config.lora.r, config.lora.target_modules)
-    gc_on = config.train.gradient_checkpointing
+    gc_on = config.train.gradient_checkpointing is True  # "auto" not resolved (training/run.resolve_auto_settings): off
     activations = estimate_activation_bytes(model_config, micro_batch_tokens, gc_on, length, config.train.padding_free)
     adapter_activations = activations + estimate_dropout_bytes(model_config, micro_batch_tokens, config)
     base_bytes = 4 if config.model.dtype in ("fp32", "auto") else 2
+    frozen_linear_bytes = 2 if config.lora.base_dtype == "bf16" else base_bytes  # lora: model/frozen_base.py
     loading = params["total"] * (checkpoint_bytes_per_parameter(model_config) + base_bytes)
     adapter_state = adapter * 16  # fp32 weights + grads + 2 AdamW states
     nf4 = params["linear"] * (0.5 + 1 / 64 + 4 / (64 * 256))  # 4-bit + double-quantized blockwise scales
     strategy = strategy_for(config, world_size)
     shards = world_size if strategy == "fsdp2" else 1
     layer = params["linear"] // model_config.num_hidden_layers
-    gathered = {"full": 2 * layer * 4, "lora": 2 * layer * base_bytes, "qlora": 2 * layer * 0.5}
+    gathered = {"full": 2 * layer * 4, "lora": 2 * layer * frozen_linear_bytes, "qlora": 2 * layer * 0.5}
     gathered = gathered if strategy == "fsdp2" else dict.fromkeys(gathered, 0)
     buckets = {"full": params["total"] * 4, "lora": adapter * 4, "qlora": adapter * 4}
     buckets = buckets if strategy == "ddp" else dict.fromkeys(buckets, 0)
     training = {
         # fp32 weights + 2 AdamW states, then activations (forward) or gradients (end of backward), whichever is larger
         "full": params["total"] * 12 / shards + max(activations, params["total"] * 4 / shards),
-        "lora": (params["total"] * base_bytes + adapter_state) / shards + adapter_activations,
+        "lora": (
+            (params["total"] - params["linear"]) * base_bytes + params["linear"] * frozen_linear_bytes + adapter_state
+        )
+        / shards
+        + adapter_activations,
         "qlora": (nf4 + (params["embeddings"] + params["norms"]) * base_bytes + adapter_state) / shards
         + adapter_activations,
     }
@@ -155,7 +160,8 @@ def estimate_memory(
         "activations_gib": round(activations / GIB, 3),
         **{f"{method}_gib": round((RUNTIME_BYTES + max(loading, t)) / GIB, 3) for method, t in training.items()},
         "assumptions": "peak per process = runtime + max(loading, training); full: fp32 weights + 2 AdamW states + "
-        "activations; LoRA: frozen base at model.dtype (auto=fp32) + adapter state of the targeted modules + "
+        "activations; LoRA: frozen base linears at lora.base_dtype, other weights at model.dtype (auto=fp32) + "
+        "adapter state of the targeted modules + "
         "activations + dropout copies; QLoRA: NF4 block linears, other weights at model.dtype, loaded in full "
         "precision first; ddp: + gradient buckets; fsdp2: weights and states / world size + 2 gathered layers",
     }
@@ -188,7 +194,7 @@ def fit_memory_budget(config: Config, memory: dict[str, Any] | None) -> Config:
     """The config to train with: activation checkpointing switched on where the estimate for this run is above
     train.memory_budget_gib (said in the run log, as is a budget that even checkpointing does not meet)."""
     budget, method = config.train.memory_budget_gib, config.train.method
-    if budget is None or memory is None or config.train.gradient_checkpointing:
+    if budget is None or memory is None or config.train.gradient_checkpointing is True:
         return config
     estimate, checkpointed = memory[f"{method}_gib"], memory["with_checkpointing_gib"][method]
     if estimate <= budget:

@@ -10,6 +10,7 @@ import torch
 from sftune.config import Config
 from sftune.data.templates import ChatTemplate, install_template, resolve_template
 from sftune.model.attention import ATTENTION
+from sftune.model.frozen_base import cast_frozen_base, resolve_base_dtype
 from sftune.model.load import load_model, load_tokenizer, resolve_model_path
 from sftune.model.lora import prepare_model
 from sftune.model.start import continue_adapter
@@ -30,10 +31,16 @@ def setup_tokenizer(config: Config, tokenizer: Any = None) -> tuple[Any, ChatTem
 
 
 def setup_model(
-    config: Config, tokenizer: Any, device: torch.device, precision: str, adapter_dir: Path | None = None
+    config: Config,
+    tokenizer: Any,
+    device: torch.device,
+    precision: str,
+    adapter_dir: Path | None = None,
+    strategy: str = "single",
 ) -> Any:
     """Load the model, grow its embeddings for tokens the template added, and prepare it for full/LoRA/QLoRA
-    (or, given `adapter_dir`, put that saved adapter on it to train further)."""
+    (or, given `adapter_dir`, put that saved adapter on it to train further). Under LoRA the frozen base linears
+    are then stored in lora.base_dtype (model/frozen_base.py); `strategy` is the run's (single, ddp, fsdp2)."""
     dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
     # Padding-free rows need attention that stays within each example: the segment attention does it without a mask.
     attention = ATTENTION if config.train.padding_free else "sdpa"
@@ -51,8 +58,14 @@ def setup_model(
         model.resize_token_embeddings(len(tokenizer))  # the template added special tokens
     if config.train.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        print(f"activation checkpointing on (train.gradient_checkpointing={config.train.gradient_checkpointing})")
     model.config.use_cache = False
     if adapter_dir is not None:  # an SFT adapter trained further (dpo.adapter=continue)
-        return continue_adapter(model, adapter_dir, config.train.method)
-    # full / lora / qlora: which parameters train, whether the base is 4-bit; added tokens' rows always train
-    return prepare_model(model, config, added_token_ids=list(range(base_vocab, len(tokenizer))))
+        model = continue_adapter(model, adapter_dir, config.train.method)
+    else:  # full / lora / qlora: which parameters train, whether the base is 4-bit; added tokens' rows always train
+        model = prepare_model(model, config, added_token_ids=list(range(base_vocab, len(tokenizer))))
+    base_dtype = resolve_base_dtype(config, device, precision, strategy)
+    if base_dtype is not None:
+        cast = cast_frozen_base(model, base_dtype)
+        print(f"LoRA: {cast} frozen base linears stored in {str(base_dtype).removeprefix('torch.')} (lora.base_dtype)")
+    return model

@@ -71,6 +71,7 @@ from sftune.training.run import (
     advance,
     autocast_context,
     count_total_steps,
+    resolve_auto_settings,
     restore_state,
     resume_fingerprint,
     seed_everything,
@@ -89,6 +90,7 @@ def train_dpo(config: Config, resume: str | None = None, resume_changed: bool = 
     device, precision = setup_device(config)
     info = init_distributed(config, device)  # one process: SINGLE, and every collective below is a no-op
     device = training_device(device, info)
+    config = resolve_auto_settings(config, device, precision, info.strategy)  # lora.base_dtype, checkpointing
     if config.train.release_freed_memory:  # CPU: freed activations leave RSS at once, for more CPU time
         print(return_freed_memory(device))
     run_dir = setup_run_dir(config, resume, info)
@@ -96,7 +98,7 @@ def train_dpo(config: Config, resume: str | None = None, resume_changed: bool = 
     seed_everything(config.train.seed)
     tokenizer, template = setup_tokenizer(start_config, adapter_tokenizer(start.adapter_dir))
     train_pairs, val_pairs, counts = setup_pairs(config, tokenizer, template, run_dir, write_files=info.is_main)
-    model = setup_model(start_config, tokenizer, device, precision, start.adapter_dir)
+    model = setup_model(start_config, tokenizer, device, precision, start.adapter_dir, info.strategy)
     loss_sum = TokenLoss.for_model(model)
     autocast = autocast_context(device, precision)
     mode = reference_mode(config, start, info)
@@ -167,7 +169,10 @@ def train_dpo(config: Config, resume: str | None = None, resume_changed: bool = 
     model_dir = run_dir / "model"
     end_ids = sorted({i for p in train_pairs for i in p.chosen.end_token_ids})
     trained = gathered_model(
-        trainer, model, info, lambda: setup_model(start_config, tokenizer, device, precision, start.adapter_dir)
+        trainer,
+        model,
+        info,
+        lambda: setup_model(start_config, tokenizer, device, precision, start.adapter_dir, info.strategy),
     )
     if info.is_main:
         model_dir = save_outputs(start_config, run_dir, trained, tokenizer, template, end_ids, counts, state, device,
@@ -321,6 +326,7 @@ def reference_cache_path(config: Config, start: StartingPoint, pairs: list[PairE
             digest.update(f"{weights.name}:{weights.stat().st_size}:{weights.stat().st_mtime_ns}".encode())
         digest.update(str(folder).encode())
     digest.update(config.train.precision.encode())
+    digest.update(f"base:{config.lora.base_dtype if config.train.method == 'lora' else 'as loaded'}".encode())
     for pair in pairs:
         digest.update(repr((pair.chosen.input_ids, pair.chosen.labels, pair.rejected.input_ids,
                             pair.rejected.labels)).encode())  # fmt: skip

@@ -37,6 +37,7 @@ from sftune.training.run import (
     autocast_context,
     check_free_space,
     count_total_steps,
+    resolve_auto_settings,
     restore_state,
     resume_fingerprint,
     seed_everything,
@@ -55,6 +56,7 @@ def train(config: Config, resume: str | None = None, resume_changed: bool = Fals
     device, precision = setup_device(config)
     info = init_distributed(config, device)  # one process: SINGLE, and every collective below is a no-op
     device = training_device(device, info)
+    config = resolve_auto_settings(config, device, precision, info.strategy)  # lora.base_dtype, checkpointing
     if config.train.release_freed_memory:  # CPU: freed activations leave RSS at once, for more CPU time
         print(return_freed_memory(device))
     run_dir = setup_run_dir(config, resume, info)
@@ -62,7 +64,7 @@ def train(config: Config, resume: str | None = None, resume_changed: bool = Fals
     tokenizer, template = setup_tokenizer(config)
     data = setup_data(config, tokenizer, template, run_dir, write_files=info.is_main)
     config = fit_memory_budget(config, data.memory)  # activation checkpointing where the estimate needs it
-    model = setup_model(config, tokenizer, device, precision)
+    model = setup_model(config, tokenizer, device, precision, strategy=info.strategy)
     check_free_space(run_dir, model, config)
     loss_sum = TokenLoss.for_model(model)
     print(f"loss: {loss_sum.path}")
@@ -132,7 +134,9 @@ def train(config: Config, resume: str | None = None, resume_changed: bool = Fals
 
     # -------------------------------------------------------------------------------------------- save
     model_dir = run_dir / "model"
-    trained = gathered_model(trainer, model, info, lambda: setup_model(config, tokenizer, device, precision))
+    trained = gathered_model(
+        trainer, model, info, lambda: setup_model(config, tokenizer, device, precision, strategy=info.strategy)
+    )
     if info.is_main:
         model_dir = save_outputs(
             config, run_dir, trained, tokenizer, template, stop_ids, data.counts(), state, device, precision

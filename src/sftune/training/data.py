@@ -28,10 +28,10 @@ from sftune.data.formats import read_conversations, split_validation
 from sftune.data.prompt import can_be_answered, prompt_for
 from sftune.data.templates import ChatTemplate
 from sftune.data.types import Conversation, Example, Prompt, Rejection
-from sftune.model.load import resolve_model_path
-from sftune.model.memory import estimate_memory, load_model_config
+from sftune.model.load import resolve_device, resolve_model_path
+from sftune.model.memory import estimate_memory, load_model_config, strategy_for
 from sftune.training.distributed import launched_world_size
-from sftune.training.run import RunError
+from sftune.training.run import RunError, resolve_auto_settings, resolve_precision
 
 
 def setup_data(
@@ -100,6 +100,8 @@ def estimate_run_memory(config: Config, lengths: list[int], world_size: int | No
     if model_config is None:
         return None
     world_size = launched_world_size() if world_size is None else world_size
+    device = resolve_device(config.train.device)  # the 'auto' settings as a run here would resolve them
+    config = resolve_auto_settings(config, device, resolve_precision(config, device), strategy_for(config, world_size))
     batch = longest_micro_batch(lengths, config.train.micro_batch_size)
     memory = estimate_memory(model_config, config, *batch, world_size=world_size)
     checkpointed = config.model_copy(update={"train": config.train.model_copy(update={"gradient_checkpointing": True})})

@@ -17,6 +17,7 @@ import torch
 
 from sftune.config import Config, UserError, config_to_yaml
 from sftune.data.batching import accumulation_windows, window_micro_batches
+from sftune.model.frozen_base import resolve_base_dtype
 from sftune.model.load import bf16_supported, resolve_device
 from sftune.training.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint
 from sftune.training.distributed import SINGLE, Distributed
@@ -92,10 +93,32 @@ def setup_device(config: Config) -> tuple[torch.device, str]:
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     device = resolve_device(config.train.device)
+    return device, resolve_precision(config, device)
+
+
+def resolve_precision(config: Config, device: torch.device) -> str:
     precision = config.train.precision
     if precision == "auto":
         precision = "bf16-mixed" if bf16_supported(device.type) else "fp32"
-    return device, precision
+    return precision
+
+
+def resolve_auto_settings(config: Config, device: torch.device, precision: str, strategy: str) -> Config:
+    """The config with its hardware-dependent 'auto' settings made concrete for this run (so the data report, the
+    memory estimate, checkpoints and the run log all see what runs):
+
+    - lora.base_dtype (lora only): bf16 where `device` computes bf16 natively, else fp32 (model/frozen_base.py);
+    - train.gradient_checkpointing: on for lora on a bf16 frozen base: recomputing the forward there costs little
+      (the base products are the fast bf16 ones; measured on the bench, bench/results/compare.md) and the
+      activations were most of the peak; off otherwise (then train.memory_budget_gib can still switch it on)."""
+    train, lora = config.train, config.lora
+    if train.method == "lora" and lora.base_dtype == "auto":
+        base = resolve_base_dtype(config, device, precision, strategy)
+        lora = lora.model_copy(update={"base_dtype": "bf16" if base == torch.bfloat16 else "fp32"})
+    if train.gradient_checkpointing == "auto":
+        cheap_recompute = train.method == "lora" and lora.base_dtype == "bf16" and precision != "bf16-true"
+        train = train.model_copy(update={"gradient_checkpointing": cheap_recompute})
+    return config.model_copy(update={"train": train, "lora": lora})
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
