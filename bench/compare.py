@@ -48,6 +48,7 @@ def finish(steps, final_loss, supervised):
     print("BENCH " + json.dumps({
         "tokens_per_s": tokens / seconds, "supervised_tokens_per_s": supervised * tokens / max(1, sum(t for _, t in steps)) / seconds,
         "peak_rss_gib": usage.ru_maxrss / 2**20, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        **({"peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}),
         "wall_seconds": time.time() - START, "final_loss": final_loss, "steps": len(steps),
         "tokens": sum(t for _, t in steps), "supervised_tokens": supervised}))
 START = time.time()
@@ -71,6 +72,9 @@ config = {
 path = os.path.join(spec["out"] + ".yaml")
 open(path, "w").write(yaml.safe_dump(config))
 assert main(["train", path, *spec.get("overrides", [])]) == 0
+resolved = yaml.safe_load(open(os.path.join(spec["out"], "config.yaml")))  # the run's 'auto' settings, as resolved
+print("RESOLVED " + json.dumps({"lora.base_dtype": resolved["lora"]["base_dtype"],
+                                "train.gradient_checkpointing": resolved["train"]["gradient_checkpointing"]}))
 records = [json.loads(l) for l in open(os.path.join(spec["out"], "metrics.jsonl")) if '"loss"' in l]
 summary = json.load(open(os.path.join(spec["out"], "data_summary.json")))
 # per step: tokens / rate = seconds; rebuild step end times from the logged rates
@@ -103,8 +107,9 @@ class Timer(TrainerCallback):
 args = SFTConfig(output_dir=spec["out"], max_steps=spec["steps"], per_device_train_batch_size=spec["micro_batch_size"],
                  gradient_accumulation_steps=spec["accumulation"], learning_rate=spec["lr"], lr_scheduler_type="constant",
                  warmup_steps=0, max_grad_norm=1.0, max_length=spec["max_length"], logging_steps=1, report_to="none",
-                 save_strategy="no", use_cpu=True, bf16=False, fp16=False, seed=42, dataloader_num_workers=0,
-                 train_sampling_strategy="sequential", dataset_num_proc=None)
+                 save_strategy="no", use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False, seed=42,
+                 dataloader_num_workers=0, train_sampling_strategy="sequential", dataset_num_proc=None,
+                 use_liger_kernel=spec.get("liger", False))
 peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM") if spec["method"] == "lora" else None
 trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft, callbacks=[Timer()])
 trainer.train()
@@ -120,6 +125,14 @@ finish(list(zip(steps, per_step)), logs[-1]["loss"], supervised)
 
 
 def cpu_model() -> str:
+    """The CPU (and the GPU, where one is used) the bench ran on."""
+    import torch
+
+    gpu = f"; GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return _cpu_name() + gpu
+
+
+def _cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             flags = Path("/proc/cpuinfo").read_text()
@@ -129,16 +142,22 @@ def cpu_model() -> str:
 
 
 def matmul_ceiling(threads: int = 2) -> dict[str, float]:
-    """GFLOP/s of the model's largest matmul shape ([tokens, hidden] x [hidden, intermediate]), fp32 and bf16."""
+    """GFLOP/s of the model's largest matmul shape ([tokens, hidden] x [hidden, intermediate]), fp32 and bf16, on
+    the GPU where there is one (fp32 as torch runs it by default: no TF32), else on `threads` CPU threads."""
     code = f"""
 import time, torch, json
 torch.set_num_threads({threads})
+device = "cuda" if torch.cuda.is_available() else "cpu"
+sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 out = {{}}
 for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-    a, b = torch.randn(2048, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+    a, b = torch.randn(2048, 576, dtype=dtype, device=device), torch.randn(576, 1536, dtype=dtype, device=device)
     for _ in range(3): a @ b
+    sync()
     start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < 1.5: a @ b; n += 1
+    while time.perf_counter() - start < 1.5:
+        for _ in range(10): a @ b
+        sync(); n += 10
     out[name] = 2 * 2048 * 576 * 1536 * n / (time.perf_counter() - start) / 1e9
 print(json.dumps(out))
 """
@@ -168,35 +187,38 @@ def run_child(tool: str, spec: dict[str, Any]) -> dict[str, Any]:
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCH ")), None)
     if done.returncode != 0 or line is None:
         raise RuntimeError(f"{tool} {spec['method']} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return {**json.loads(line[6:]), "load_average_before": load}
+    resolved = next((json.loads(ln[9:]) for ln in done.stdout.splitlines() if ln.startswith("RESOLVED ")), None)
+    return {**json.loads(line[6:]), "load_average_before": load, **({"resolved": resolved} if resolved else {})}
 
 
-def model_flops_per_token(method: str) -> float:
-    """Matmul FLOPs per trained token of SmolLM2-135M: forward 2N, backward 2N (inputs) + 2N (weights, full only)."""
+def model_flops_per_token(method: str, model: str) -> float:
+    """Matmul FLOPs per trained token of the model: forward 2N, backward 2N (inputs) + 2N (weights, full only)."""
     from transformers import AutoConfig
 
-    from sftune.model.load import resolve_model_path
     from sftune.model.memory import count_model_parameters
 
-    params = count_model_parameters(AutoConfig.from_pretrained(resolve_model_path("smollm2-135m-instruct")))
+    params = count_model_parameters(AutoConfig.from_pretrained(model))
     return (6 if method == "full" else 4) * params["total"]
 
 
-def summarize(runs: list[dict[str, Any]], ceiling: dict[str, float], method: str) -> dict[str, Any]:
+def summarize(runs: list[dict[str, Any]], ceiling: dict[str, float], method: str, model: str) -> dict[str, Any]:
     keys = ("tokens_per_s", "supervised_tokens_per_s", "peak_rss_gib", "cpu_seconds", "wall_seconds", "final_loss")
+    keys += ("peak_gpu_gib",) if all("peak_gpu_gib" in r for r in runs) else ()
     summary = {key: statistics.median(r[key] for r in runs) for key in keys}
-    summary["mfu_fp32"] = summary["tokens_per_s"] * model_flops_per_token(method) / (ceiling["fp32"] * 1e9)
+    summary["mfu_fp32"] = summary["tokens_per_s"] * model_flops_per_token(method, model) / (ceiling["fp32"] * 1e9)
     summary["runs"] = runs
     return summary
 
 
 def markdown(results: dict[str, Any]) -> str:
+    gpu = all("peak_gpu_gib" in tools["sftune"] for tools in results["methods"].values())
     lines = [
         f"CPU: {results['cpu']}; matmul ceiling fp32 {results['ceiling']['fp32']:.0f} GFLOP/s, bf16 "
         f"{results['ceiling']['bf16']:.0f} GFLOP/s ({results['threads']} threads); {results['settings']}",
         "",
-        "| method | tool | non-padding tok/s | supervised tok/s | CPU s | peak RSS GiB | final loss | MFU (fp32) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | tool | non-padding tok/s | supervised tok/s | CPU s | peak RSS GiB | final loss | MFU (fp32) |"
+        + (" peak GPU GiB |" if gpu else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
     for method, tools in results["methods"].items():
         for tool in ("sftune", "trl"):
@@ -204,16 +226,28 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {method} | {tool} | {r['tokens_per_s']:.1f} | {r['supervised_tokens_per_s']:.1f} | "
                 f"{r['cpu_seconds']:.0f} | {r['peak_rss_gib']:.2f} | {r['final_loss']:.4f} | {r['mfu_fp32']:.1%} |"
+                + (f" {r['peak_gpu_gib']:.2f} |" if gpu else "")
             )
         ratio = tools["ratios"]
         lines.append(
             f"| {method} | sftune / TRL | {ratio['tokens_per_s']:.2f}x | {ratio['supervised_tokens_per_s']:.2f}x | "
             f"{ratio['cpu_seconds']:.2f}x | {ratio['peak_rss_gib']:.2f}x | {ratio['final_loss']:+.1%} | |"
+            + (f" {ratio['peak_gpu_gib']:.2f}x |" if gpu else "")
         )
     loads = [
         r["load_average_before"] for m in results["methods"].values() for t in ("sftune", "trl") for r in m[t]["runs"]
     ]
     lines += ["", f"Load average before the runs: {min(loads):.2f} to {max(loads):.2f}."]
+    for method, tools in results["methods"].items():
+        resolved = tools["sftune"]["runs"][0].get("resolved")
+        if resolved and method == "lora":  # base_dtype only applies to lora
+            lines.append(
+                f"sftune {method}, its 'auto' settings on this machine: lora.base_dtype={resolved['lora.base_dtype']}, "
+                f"train.gradient_checkpointing={resolved['train.gradient_checkpointing']} (MFU counts model FLOPs "
+                "against the fp32 ceiling, whatever dtype the frozen base's products ran in)."
+            )
+        elif resolved:
+            lines.append(f"sftune {method}: train.gradient_checkpointing={resolved['train.gradient_checkpointing']}.")
     return "\n".join(lines) + "\n"
 
 
@@ -229,6 +263,9 @@ def main() -> None:
         "--quick", action="store_true", help="2 steps of micro-batch 2 at max length 128, once: a smoke run"
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    parser.add_argument("--model", default=None, help="an HF model folder (default: the default model, converted)")
+    parser.add_argument("--data", default=None, help="alpaca-style .json/.jsonl (default: alpaca_en_demo.json)")
+    parser.add_argument("--trl-liger", action="store_true", help="TRL with use_liger_kernel=True (GPU)")
     parser.add_argument(
         "--sftune-override", action="append", default=[], help="dotted override for the sftune runs only, repeatable"
     )
@@ -237,7 +274,7 @@ def main() -> None:
         args.steps, args.repeats, args.max_length, args.micro_batch_size, args.accumulation = 2, 1, 128, 2, 1
     from sftune.model.load import resolve_model_path
 
-    model = resolve_model_path("smollm2-135m-instruct")  # the converted HF folder both tools load
+    model = args.model or resolve_model_path("smollm2-135m-instruct")  # the HF folder both tools load
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     threads = int(os.environ.get("BENCH_THREADS", "2"))
@@ -247,12 +284,15 @@ def main() -> None:
         "threads": threads,
         "methods": {},
     }
-    source = SHARED_DATA if SHARED_DATA.exists() else BUNDLED_DATA
+    source = Path(args.data) if args.data else SHARED_DATA if SHARED_DATA.exists() else BUNDLED_DATA
     results["settings"] = (
         f"data {source.name}, {args.steps} steps of micro-batch {args.micro_batch_size} x accumulation "
         f"{args.accumulation}, max length {args.max_length}, fp32, LoRA r=16 all-linear dropout 0; "
-        "TRL defaults: padded batches, gradient checkpointing; sftune defaults: padding-free rows, chunked loss"
+        "TRL defaults: padded batches, gradient checkpointing; sftune defaults: padding-free rows, chunked loss, "
+        "fused LoRA, lora.base_dtype and train.gradient_checkpointing auto (resolved values below the table)"
         + (f"; sftune overrides: {' '.join(args.sftune_override)}" if args.sftune_override else "")
+        + ("; TRL with use_liger_kernel=True" if args.trl_liger else "")
+        + (f"; model {args.model}" if args.model else "")
     )
     with tempfile.TemporaryDirectory() as tmp:
         rows = args.steps * args.micro_batch_size * args.accumulation
@@ -266,13 +306,15 @@ def main() -> None:
                         "micro_batch_size": args.micro_batch_size, "accumulation": args.accumulation,
                         "max_length": args.max_length, "lr": 2e-4 if method == "lora" else 2e-5,
                         "out": str(Path(tmp) / f"{tool}-{method}-{repeat}"), "overrides": args.sftune_override,
+                        "liger": args.trl_liger,
                     }  # fmt: skip
                     started = time.time()
                     runs[tool].append(run_child(tool, spec))
                     print(f"{method} {tool} run {repeat + 1}: {runs[tool][-1]['tokens_per_s']:.1f} tok/s, "
                           f"{runs[tool][-1]['peak_rss_gib']:.2f} GiB, {time.time() - started:.0f}s", flush=True)  # fmt: skip
-            tools = {tool: summarize(r, results["ceiling"], method) for tool, r in runs.items()}
+            tools = {tool: summarize(r, results["ceiling"], method, model) for tool, r in runs.items()}
             keys = ("tokens_per_s", "supervised_tokens_per_s", "cpu_seconds", "peak_rss_gib")
+            keys += ("peak_gpu_gib",) if "peak_gpu_gib" in tools["sftune"] else ()
             ratios = {k: tools["sftune"][k] / tools["trl"][k] for k in keys}
             ratios["final_loss"] = tools["sftune"]["final_loss"] / tools["trl"]["final_loss"] - 1
             results["methods"][method] = {**tools, "ratios": ratios}

@@ -162,7 +162,7 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto",
         description="Recompute activations in backward to save memory. auto: on for lora on a bf16 frozen base "
-        "(lora.base_dtype), where the recompute costs little, and wherever the memory estimate is above "
+        "(lora.base_dtype) on a CPU, where the recompute costs little, and wherever the memory estimate is above "
         "train.memory_budget_gib; off otherwise.",
     )
     memory_budget_gib: float | None = Field(

@@ -106,7 +106,7 @@ def test_auto_picks_bf16_only_where_native_and_not_under_fsdp2(monkeypatch, nati
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_settings_resolve_to_concrete_values(monkeypatch, native):
-    """Checkpointing auto = on exactly for lora on a bf16 base; explicit choices are kept."""
+    """Checkpointing auto = on exactly for lora on a bf16 base on a CPU; explicit choices are kept."""
     monkeypatch.setattr(frozen_base, "bf16_supported", lambda device: native)
     lora = resolve_auto_settings(config(), CPU, "fp32", "single")
     assert lora.lora.base_dtype == ("bf16" if native else "fp32")
@@ -116,3 +116,5 @@ def test_auto_settings_resolve_to_concrete_values(monkeypatch, native):
     kept = resolve_auto_settings(config(gradient_checkpointing=False), CPU, "fp32", "single")
     assert kept.train.gradient_checkpointing is False
     assert resolve_auto_settings(lora, CPU, "fp32", "single") == lora  # resolving twice changes nothing
+    on_gpu = resolve_auto_settings(config(), torch.device("cuda"), "fp32", "single")  # launch-bound: no recompute
+    assert on_gpu.lora.base_dtype == lora.lora.base_dtype and on_gpu.train.gradient_checkpointing is False

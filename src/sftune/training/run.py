@@ -108,15 +108,19 @@ def resolve_auto_settings(config: Config, device: torch.device, precision: str, 
     memory estimate, checkpoints and the run log all see what runs):
 
     - lora.base_dtype (lora only): bf16 where `device` computes bf16 natively, else fp32 (model/frozen_base.py);
-    - train.gradient_checkpointing: on for lora on a bf16 frozen base: recomputing the forward there costs little
-      (the base products are the fast bf16 ones; measured on the bench, bench/results/compare.md) and the
-      activations were most of the peak; off otherwise (then train.memory_budget_gib can still switch it on)."""
+    - train.gradient_checkpointing: on for lora on a bf16 frozen base on a CPU: recomputing the forward there costs
+      little (the base products are the fast bf16 ones: 5% on the bench, bench/results/memory_profile.md) and the
+      activations were most of the peak. Off otherwise, on GPUs too, where a small model's step is bound by kernel
+      launches and the recompute cost 40% (bench/results/compare-gpu-h100.md); train.memory_budget_gib can still
+      switch it on."""
     train, lora = config.train, config.lora
     if train.method == "lora" and lora.base_dtype == "auto":
         base = resolve_base_dtype(config, device, precision, strategy)
         lora = lora.model_copy(update={"base_dtype": "bf16" if base == torch.bfloat16 else "fp32"})
     if train.gradient_checkpointing == "auto":
-        cheap_recompute = train.method == "lora" and lora.base_dtype == "bf16" and precision != "bf16-true"
+        cheap_recompute = (
+            device.type == "cpu" and train.method == "lora" and lora.base_dtype == "bf16" and precision != "bf16-true"
+        )
         train = train.model_copy(update={"gradient_checkpointing": cheap_recompute})
     return config.model_copy(update={"train": train, "lora": lora})
 
