@@ -66,6 +66,7 @@ import torch
 torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
 import yaml
 import sftune.recipes.sft as sft
+import sftune.training.run as run_module
 from sftune.cli import main
 mark("imports")
 
@@ -77,7 +78,7 @@ def timed(name, function):
     return wrapper
 
 if os.environ.get("BENCH_GLIBC_DEFAULTS"):  # the "before": training/memory.py's threshold not set
-    sft.return_freed_memory = lambda device: "host memory: glibc defaults (BENCH_GLIBC_DEFAULTS)"
+    run_module.return_freed_memory = lambda device: "host memory: glibc defaults (BENCH_GLIBC_DEFAULTS)"
 if os.environ.get("BENCH_TRIM"):  # experiment: glibc's malloc_trim(0) after every micro-batch's backward
     import contextlib
     import sftune.training.step as step_module

@@ -17,16 +17,13 @@ from sftune.training.data import setup_data
 from sftune.training.distributed import (
     LossModule,
     gathered_model,
-    init_distributed,
     rank_examples,
     shutdown,
-    training_device,
     unwrap,
     wrap_model,
 )
 from sftune.training.evaluation import evaluate_and_log, log_samples
 from sftune.training.loss import TokenLoss
-from sftune.training.memory import return_freed_memory
 from sftune.training.metrics import MetricsLog, Throughput, log_step, progress_bar
 from sftune.training.optim import build_optimizer, build_scheduler
 from sftune.training.outputs import save_outputs
@@ -37,11 +34,10 @@ from sftune.training.run import (
     autocast_context,
     check_free_space,
     count_total_steps,
-    resolve_auto_settings,
     restore_state,
     resume_fingerprint,
     seed_everything,
-    setup_device,
+    setup_process,
     setup_run_dir,
     steps_per_epoch,
     window_indices,
@@ -53,12 +49,7 @@ __all__ = ["TrainResult", "train"]
 
 def train(config: Config, resume: str | None = None, resume_changed: bool = False) -> TrainResult:
     # ------------------------------------------------------------------------------------------- setup
-    device, precision = setup_device(config)
-    info = init_distributed(config, device)  # one process: SINGLE, and every collective below is a no-op
-    device = training_device(device, info)
-    config = resolve_auto_settings(config, device, precision, info.strategy)  # lora.base_dtype, checkpointing
-    if config.train.release_freed_memory:  # CPU: freed activations leave RSS at once, for more CPU time
-        print(return_freed_memory(device))
+    config, device, precision, info = setup_process(config)  # one process: SINGLE, every collective a no-op
     run_dir = setup_run_dir(config, resume, info)
     seed_everything(config.train.seed)
     tokenizer, template = setup_tokenizer(config)

@@ -20,8 +20,9 @@ from sftune.data.batching import accumulation_windows, window_micro_batches
 from sftune.model.frozen_base import resolve_base_dtype
 from sftune.model.load import bf16_supported, resolve_device
 from sftune.training.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint
-from sftune.training.distributed import SINGLE, Distributed
+from sftune.training.distributed import SINGLE, Distributed, init_distributed, training_device
 from sftune.training.manifest import sha256_of
+from sftune.training.memory import return_freed_memory
 from sftune.training.metrics import MetricsLog
 
 
@@ -94,6 +95,19 @@ def setup_device(config: Config) -> tuple[torch.device, str]:
         torch.set_num_threads(config.train.num_threads)
     device = resolve_device(config.train.device)
     return device, resolve_precision(config, device)
+
+
+def setup_process(config: Config) -> tuple[Config, torch.device, str, Distributed]:
+    """This process's part of a run, the same for every recipe: its device and precision, its place in a
+    distributed job (one process: SINGLE), the config with its 'auto' settings resolved for them, and (where
+    asked) glibc returning freed host memory at once (CPU: lower RSS for more CPU time)."""
+    device, precision = setup_device(config)
+    info = init_distributed(config, device)  # one process: SINGLE, and every collective after it is a no-op
+    device = training_device(device, info)
+    config = resolve_auto_settings(config, device, precision, info.strategy)  # lora.base_dtype, checkpointing
+    if config.train.release_freed_memory:
+        print(return_freed_memory(device))
+    return config, device, precision, info
 
 
 def resolve_precision(config: Config, device: torch.device) -> str:
