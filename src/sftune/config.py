@@ -185,6 +185,12 @@ class TrainConfig(_Section):
         "Peak RSS on the default model's bench: LoRA 4.76 -> 2.70 GiB, full 5.1 -> 4.4 GiB, for about 25% more CPU "
         "time (every step's activations are faulted in afresh).",
     )
+    compile: bool = Field(
+        False,
+        description="Compile each decoder block with torch.compile (one compiled block shared by all, shapes "
+        "dynamic): fuses the element-wise work around the matrix products. Costs start-up time (the first "
+        "micro-batches compile, see the README's numbers) and needs a C++ compiler on a CPU; off by default.",
+    )
     strategy: Literal["auto", "ddp", "fsdp2"] = Field(
         "auto",
         description="Under torchrun / srun with several processes: ddp (every rank holds the whole model, gradients "

@@ -10,6 +10,7 @@ import torch
 from sftune.config import Config
 from sftune.data.templates import ChatTemplate, install_template, resolve_template
 from sftune.model.attention import ATTENTION
+from sftune.model.blocks import compile_blocks
 from sftune.model.frozen_base import cast_frozen_base, resolve_base_dtype
 from sftune.model.load import load_model, load_tokenizer, resolve_model_path
 from sftune.model.lora import prepare_model
@@ -40,7 +41,8 @@ def setup_model(
 ) -> Any:
     """Load the model, grow its embeddings for tokens the template added, and prepare it for full/LoRA/QLoRA
     (or, given `adapter_dir`, put that saved adapter on it to train further). Under LoRA the frozen base linears
-    are then stored in lora.base_dtype (model/frozen_base.py); `strategy` is the run's (single, ddp, fsdp2)."""
+    are then stored in lora.base_dtype (model/frozen_base.py), and with train.compile the decoder blocks are
+    compiled (model/blocks.py); `strategy` is the run's (single, ddp, fsdp2)."""
     dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
     # Padding-free rows need attention that stays within each example: the segment attention does it without a mask.
     attention = ATTENTION if config.train.padding_free else "sdpa"
@@ -68,4 +70,6 @@ def setup_model(
     if base_dtype is not None:
         cast = cast_frozen_base(model, base_dtype)
         print(f"LoRA: {cast} frozen base linears stored in {str(base_dtype).removeprefix('torch.')} (lora.base_dtype)")
+    if config.train.compile:
+        print(f"torch.compile: {compile_blocks(model)} decoder blocks, compiled at their first micro-batches")
     return model

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -24,6 +25,7 @@ import torch.distributed as dist
 
 from sftune.config import Config, UserError
 from sftune.data.types import IGNORE_INDEX, Example
+from sftune.model.blocks import decoder_layers
 
 T = TypeVar("T")
 
@@ -113,9 +115,18 @@ def init_distributed(config: Config, device: torch.device) -> Distributed:
     return info
 
 
+# How long shutdown lets the backend's worker threads drop the collectives they finished (below).
+WORK_RELEASE_SECONDS = 0.2
+
+
 def shutdown(info: Distributed) -> None:
+    """Barrier, then destroy the process group. In between, the main thread sleeps (releasing the GIL): a gloo
+    worker thread frees a finished collective's tensors after the caller saw it complete, and doing so takes the GIL.
+    Without the pause the DDP reducer, freed with the recipe's frame, could destroy the process group (joining that
+    worker) while holding the GIL: a deadlock seen in about 1 of 8 two-rank runs (rank 1 hung after training)."""
     if info.enabled and dist.is_initialized():
         dist.barrier()
+        time.sleep(WORK_RELEASE_SECONDS)
         dist.destroy_process_group()
 
 
@@ -195,12 +206,11 @@ class LossModule(torch.nn.Module):
         return self.loss(batch)
 
 
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+def sharded_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks FSDP2 shards one by one: the classes the model names in `_no_split_modules`."""
-    inner: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
-    names = set(getattr(inner, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    layers = decoder_layers(model)
     if not layers:
+        inner: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
         raise DistributedError(
             f"{type(inner).__name__} names no decoder layer class (_no_split_modules), which fsdp2 shards one by "
             "one: use train.strategy=ddp for this model"
@@ -225,7 +235,7 @@ def wrap_model(module: LossModule, info: Distributed, device: torch.device) -> t
 
     check_nf4_shardable(module.model, info.world_size)
     mesh = init_device_mesh(device.type, (info.world_size,))
-    for layer in decoder_layers(module.model):
+    for layer in sharded_blocks(module.model):
         fully_shard(layer, mesh=mesh)
     fully_shard(module, mesh=mesh)
     return module
