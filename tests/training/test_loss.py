@@ -95,6 +95,33 @@ def test_chunked_linear_cross_entropy_equals_plain_cross_entropy(monkeypatch, wi
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_log_probs_equal_log_softmax_with_any_per_row_gradient(monkeypatch, with_bias):
+    """DPO's per-token log-probs: values and gradients (a different weight per row, as sequence sums give) equal
+    the plain log-softmax's, with several chunks and a ragged last one; empty input stays in the graph."""
+    from sftune.training import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "CHUNK_LOGITS", 7 * 97)
+    torch.manual_seed(0)
+    hidden = torch.randn(30, 16, requires_grad=True)
+    weight = torch.randn(97, 16, requires_grad=True)
+    bias = torch.randn(97, requires_grad=True) if with_bias else None
+    targets = torch.randint(0, 97, (30,))
+    row_weights = torch.randn(30)  # what d(loss)/d(logp) looks like: per row, unknown in forward
+    inputs = [hidden, weight, *([bias] if with_bias else [])]
+
+    chunked = loss_module.linear_log_probs(hidden, weight, bias, targets)
+    grads = torch.autograd.grad((chunked * row_weights).sum(), inputs)
+    plain = torch.log_softmax(F.linear(hidden, weight, bias), dim=-1).gather(1, targets[:, None]).squeeze(1)
+    expected = torch.autograd.grad((plain * row_weights).sum(), inputs)
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    empty = loss_module.linear_log_probs(hidden[:0], weight, bias, targets[:0])
+    assert empty.shape == (0,) and empty.requires_grad
+
+
 def test_chunked_loss_in_a_model_equals_full_logits_in_fp32(monkeypatch):
     from sftune.training import loss as loss_module
 

@@ -9,6 +9,7 @@ fallback (soft-capped or scaled logits: the full forward, said in the run log) o
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,9 +91,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs_bias and bias is not None else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        chunk = max(1, CHUNK_LOGITS // weight.shape[0])
-        for start in range(0, hidden.shape[0], chunk):
-            rows, target = hidden[start : start + chunk], targets[start : start + chunk]
+        for start, rows, target in chunks_of_rows(hidden, targets, weight.shape[0]):
             logits = F.linear(rows, weight, bias).float()  # [chunk, vocab]
             log_norm = torch.logsumexp(logits, dim=-1)
             total += (log_norm - logits.gather(1, target[:, None]).squeeze(1)).sum()
@@ -101,7 +100,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_logits = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place of the logits
             grad_logits[torch.arange(len(target), device=target.device), target] -= 1.0
             if grad_hidden is not None:
-                grad_hidden[start : start + chunk] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_hidden[start : start + len(rows)] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += grad_logits.T @ rows.float()
             if grad_bias is not None:
@@ -129,6 +128,71 @@ def linear_cross_entropy(
     if hidden.shape[0] == 0:
         return (hidden.sum() * 0.0).float() + (weight.sum() * 0.0).float()  # no supervised rows: a zero in the graph
     return LinearCrossEntropy.apply(hidden, weight, bias, targets)  # type: ignore[no-any-return]
+
+
+class LinearLogProbs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T + bias)[target] per row, with the logits computed a chunk of rows at a time.
+
+    The per-row values (DPO's sequence log-probs) get a different gradient weight per row, unknown in forward, so
+    unlike LinearCrossEntropy the gradients cannot be taken ahead: backward computes each chunk's logits again (one
+    more head product) rather than keeping [rows, vocab] logits and their softmax for the whole batch.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+    ) -> torch.Tensor:
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start, rows, target in chunks_of_rows(hidden, targets, weight.shape[0]):
+            logits = F.linear(rows, weight, bias).float()
+            out[start : start + len(rows)] = logits.gather(1, target[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        device = hidden.device.type  # backward recomputes the logits under the same autocast as forward
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        hidden, weight, bias, targets = ctx.saved_tensors
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs_bias and bias is not None else None
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            for start, rows, target in chunks_of_rows(hidden, targets, weight.shape[0]):
+                scale = grad_output[start : start + len(rows)].float()
+                logits = F.linear(rows, weight, bias).float()
+                grad_logits = torch.softmax(logits, dim=-1).mul_(-scale[:, None])  # d logp / d logits = onehot - p
+                grad_logits[torch.arange(len(target), device=target.device), target] += scale
+                if grad_hidden is not None:
+                    grad_hidden[start : start + len(rows)] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight += grad_logits.T @ rows.float()
+                if grad_bias is not None:
+                    grad_bias += grad_logits.sum(0)
+        return (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(weight.dtype),
+            None,
+        )
+
+
+def chunks_of_rows(
+    hidden: torch.Tensor, targets: torch.Tensor, vocab: int
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(first row, rows, their targets) in chunks whose logits hold at most CHUNK_LOGITS values."""
+    chunk = max(1, CHUNK_LOGITS // vocab)
+    for start in range(0, hidden.shape[0], chunk):
+        yield start, hidden[start : start + chunk], targets[start : start + chunk]
+
+
+def linear_log_probs(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+) -> torch.Tensor:
+    """Each row's log-probability of its target under the head's logits, without holding all the logits at once."""
+    return LinearLogProbs.apply(hidden, weight, bias, targets)  # type: ignore[no-any-return]
 
 
 def logit_transform(model: Any) -> str:

@@ -22,7 +22,7 @@ from sftune.data.batching import Batch, collate_packed
 from sftune.data.preference import PairExample
 from sftune.data.types import IGNORE_INDEX
 from sftune.training.distributed import SINGLE, Distributed, placeholder
-from sftune.training.loss import TokenLoss
+from sftune.training.loss import TokenLoss, linear_log_probs
 
 
 @dataclass
@@ -92,10 +92,13 @@ def sequence_logps(loss: TokenLoss, batch: Batch) -> tuple[torch.Tensor, torch.T
     keep = targets != IGNORE_INDEX
     if loss.body is None:
         logits = loss.model(**batch.model_inputs(), use_cache=False).logits[0, :-1][keep]
+        token_logps = -F.cross_entropy(logits.float(), targets[keep], reduction="none")  # [supervised]
     else:
         hidden = loss.body(**batch.model_inputs(), use_cache=False)[0][0, :-1][keep]  # [supervised, hidden]
-        logits = loss.head(hidden)
-    token_logps = -F.cross_entropy(logits.float(), targets[keep], reduction="none")  # [supervised]
+        if isinstance(loss.head, torch.nn.Linear):  # a chunk of logits at a time, as the SFT loss
+            token_logps = linear_log_probs(hidden, loss.head.weight, loss.head.bias, targets[keep])
+        else:
+            token_logps = -F.cross_entropy(loss.head(hidden).float(), targets[keep], reduction="none")
     # Target position t belongs to the example whose [start, end) holds t + 1.
     positions = torch.nonzero(keep).squeeze(1) + 1
     owner = torch.bucketize(positions, batch.cu_seq_lens[1:].to(positions.device), right=True)
