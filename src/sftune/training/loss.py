@@ -73,6 +73,38 @@ class TokenLoss:
 CHUNK_LOGITS = 16 * 1024 * 1024
 
 
+@dataclass
+class HeadGrads:
+    """Gradients of the head's inputs (hidden rows, weight, bias), summed a chunk of d(loss)/d(logits) at a time;
+    None for an input that needs none. Weight and bias gradients accumulate in fp32."""
+
+    hidden: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    @classmethod
+    def zeros(
+        cls, needs: tuple[bool, ...], hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> HeadGrads:
+        return cls(
+            torch.zeros_like(hidden) if needs[0] else None,
+            torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None,
+            torch.zeros_like(bias, dtype=torch.float32) if needs[2] and bias is not None else None,
+        )
+
+    @property
+    def needed(self) -> bool:
+        return self.hidden is not None or self.weight is not None or self.bias is not None
+
+    def add(self, start: int, rows: torch.Tensor, grad_logits: torch.Tensor, weight: torch.Tensor) -> None:
+        if self.hidden is not None:
+            self.hidden[start : start + len(rows)] = (grad_logits.to(weight.dtype) @ weight).to(self.hidden.dtype)
+        if self.weight is not None:
+            self.weight += grad_logits.T @ rows.float()
+        if self.bias is not None:
+            self.bias += grad_logits.sum(0)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """sum(cross_entropy(hidden @ weight.T + bias, targets)) with the logits computed a chunk of rows at a time.
 
@@ -86,26 +118,18 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
     ) -> torch.Tensor:
-        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs_bias and bias is not None else None
+        grads = HeadGrads.zeros(ctx.needs_input_grad[:3], hidden, weight, bias)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start, rows, target in chunks_of_rows(hidden, targets, weight.shape[0]):
             logits = F.linear(rows, weight, bias).float()  # [chunk, vocab]
             log_norm = torch.logsumexp(logits, dim=-1)
             total += (log_norm - logits.gather(1, target[:, None]).squeeze(1)).sum()
-            if grad_hidden is None and grad_weight is None and grad_bias is None:
+            if not grads.needed:
                 continue
             grad_logits = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place of the logits
             grad_logits[torch.arange(len(target), device=target.device), target] -= 1.0
-            if grad_hidden is not None:
-                grad_hidden[start : start + len(rows)] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight += grad_logits.T @ rows.float()
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+            grads.add(start, rows, grad_logits, weight)
+        ctx.save_for_backward(grads.hidden, grads.weight, grads.bias)
         ctx.weight_dtype = weight.dtype
         return total
 
@@ -154,10 +178,7 @@ class LinearLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         hidden, weight, bias, targets = ctx.saved_tensors
-        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs_bias and bias is not None else None
+        grads = HeadGrads.zeros(ctx.needs_input_grad[:3], hidden, weight, bias)
         device, enabled, dtype = ctx.autocast
         with torch.autocast(device, dtype=dtype, enabled=enabled):
             for start, rows, target in chunks_of_rows(hidden, targets, weight.shape[0]):
@@ -165,16 +186,11 @@ class LinearLogProbs(torch.autograd.Function):
                 logits = F.linear(rows, weight, bias).float()
                 grad_logits = torch.softmax(logits, dim=-1).mul_(-scale[:, None])  # d logp / d logits = onehot - p
                 grad_logits[torch.arange(len(target), device=target.device), target] += scale
-                if grad_hidden is not None:
-                    grad_hidden[start : start + len(rows)] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-                if grad_weight is not None:
-                    grad_weight += grad_logits.T @ rows.float()
-                if grad_bias is not None:
-                    grad_bias += grad_logits.sum(0)
+                grads.add(start, rows, grad_logits, weight)
         return (
-            grad_hidden,
-            None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(weight.dtype),
+            grads.hidden,
+            None if grads.weight is None else grads.weight.to(weight.dtype),
+            None if grads.bias is None else grads.bias.to(weight.dtype),
             None,
         )
 
