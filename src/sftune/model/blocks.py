@@ -15,10 +15,14 @@ import torch
 from sftune.config import UserError
 
 
+def unwrapped_model(model: Any) -> Any:
+    """The transformers model under a PEFT wrapper (the model itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The blocks of the classes the model names in `_no_split_modules` (empty when it names none)."""
-    inner: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
-    names = set(getattr(inner, "_no_split_modules", None) or [])
+    names = set(getattr(unwrapped_model(model), "_no_split_modules", None) or [])
     return [m for m in model.modules() if type(m).__name__ in names]
 
 

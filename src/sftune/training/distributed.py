@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from sftune.config import Config, UserError
 from sftune.data.types import IGNORE_INDEX, Example
-from sftune.model.blocks import decoder_layers
+from sftune.model.blocks import decoder_layers, unwrapped_model
 
 T = TypeVar("T")
 
@@ -210,10 +210,9 @@ def sharded_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks FSDP2 shards one by one: the classes the model names in `_no_split_modules`."""
     layers = decoder_layers(model)
     if not layers:
-        inner: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
         raise DistributedError(
-            f"{type(inner).__name__} names no decoder layer class (_no_split_modules), which fsdp2 shards one by "
-            "one: use train.strategy=ddp for this model"
+            f"{type(unwrapped_model(model)).__name__} names no decoder layer class (_no_split_modules), which fsdp2 "
+            "shards one by one: use train.strategy=ddp for this model"
         )
     return layers
 

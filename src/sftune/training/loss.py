@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from sftune.config import UserError
 from sftune.data.batching import Batch, make_batch
 from sftune.data.types import IGNORE_INDEX, Example
+from sftune.model.blocks import unwrapped_model
 from sftune.training.distributed import SINGLE, Distributed, LossModule, placeholder, rank_chunks
 
 # Config attributes that change logits after the head: the split would compute the wrong logits for them.
@@ -44,7 +45,7 @@ class TokenLoss:
 
     @classmethod
     def for_model(cls, model: Any, verify: bool = True) -> TokenLoss:
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the *ForCausalLM
+        inner = unwrapped_model(model)  # PEFT wraps the *ForCausalLM
         transform = logit_transform(inner)
         if transform:
             return cls(
