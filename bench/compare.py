@@ -39,8 +39,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import torch
 torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
 spec = json.loads(sys.argv[1])
-def finish(steps, final_loss, supervised):
-    usage = resource.getrusage(resource.RUSAGE_SELF)
+def finish(steps, final_loss, supervised, who=resource.RUSAGE_SELF, gpu_peak=None):
+    usage = resource.getrusage(who)
     # steps: [(end time, non-padding tokens of the step)], first step dropped as warm-up
     timed = steps[1:] if len(steps) > 1 else steps
     seconds = timed[-1][0] - (steps[0][0] if len(steps) > 1 else START)
@@ -48,7 +48,7 @@ def finish(steps, final_loss, supervised):
     print("BENCH " + json.dumps({
         "tokens_per_s": tokens / seconds, "supervised_tokens_per_s": supervised * tokens / max(1, sum(t for _, t in steps)) / seconds,
         "peak_rss_gib": usage.ru_maxrss / 2**20, "cpu_seconds": usage.ru_utime + usage.ru_stime,
-        **({"peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}),
+        **({"peak_gpu_gib": gpu_peak or torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}),
         "wall_seconds": time.time() - START, "final_loss": final_loss, "steps": len(steps),
         "tokens": sum(t for _, t in steps), "supervised_tokens": supervised}))
 START = time.time()
@@ -58,23 +58,31 @@ SFTUNE_CHILD = (
     CHILD_PRELUDE
     + """
 import yaml
-from sftune.cli import main
 config = {
     "model": {"name_or_path": spec["model"]},
     "data": {"train": spec["data"], "max_length": spec["max_length"], "shuffle": False, "format": "messages", "truncation": "truncate"},
     "train": {"method": spec["method"], "learning_rate": spec["lr"], "lr_scheduler": "constant", "warmup_steps": 0,
               "warmup_ratio": 0.0, "max_steps": spec["steps"], "micro_batch_size": spec["micro_batch_size"],
               "gradient_accumulation_steps": spec["accumulation"], "precision": "fp32", "max_grad_norm": 1.0,
-              "seed": 42, "progress": False, "padding_free": spec.get("padding_free", True)},
+              "seed": 42, "progress": False, "padding_free": spec.get("padding_free", True),
+              "num_threads": int(os.environ.get("BENCH_THREADS", "2"))},
     "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
     "output": {"dir": spec["out"], "overwrite": True},
 }
 path = os.path.join(spec["out"] + ".yaml")
 open(path, "w").write(yaml.safe_dump(config))
-assert main(["train", path, *spec.get("overrides", [])]) == 0
+# The command a user runs, in its own process (it may start itself again on its host allocator): its peak RSS and
+# CPU seconds are this child's children's.
+import subprocess
+done = subprocess.run([sys.executable, "-m", "sftune.cli", "train", path, *spec.get("overrides", [])],
+                      capture_output=True, text=True)
+if done.returncode != 0:
+    sys.exit(done.stdout[-3000:] + done.stderr[-3000:])
+allocator = next((l.split(": ", 1)[1] for l in done.stdout.splitlines() if l.startswith("host allocator: ")), "?")
 resolved = yaml.safe_load(open(os.path.join(spec["out"], "config.yaml")))  # the run's 'auto' settings, as resolved
 print("RESOLVED " + json.dumps({"lora.base_dtype": resolved["lora"]["base_dtype"],
-                                "train.gradient_checkpointing": resolved["train"]["gradient_checkpointing"]}))
+                                "train.gradient_checkpointing": resolved["train"]["gradient_checkpointing"],
+                                "host allocator": allocator}))
 records = [json.loads(l) for l in open(os.path.join(spec["out"], "metrics.jsonl")) if '"loss"' in l]
 summary = json.load(open(os.path.join(spec["out"], "data_summary.json")))
 # per step: tokens / rate = seconds; rebuild step end times from the logged rates
@@ -85,7 +93,8 @@ for r in records:
     elapsed += step_tokens / r["tokens_per_s"] if r["tokens_per_s"] else 0.0
     steps.append((START + elapsed, step_tokens))
 per_token = summary["supervised_tokens"] / max(1, summary["tokens"])
-finish(steps, records[-1]["loss"], per_token * sum(t for _, t in steps))
+finish(steps, records[-1]["loss"], per_token * sum(t for _, t in steps), resource.RUSAGE_CHILDREN,
+       records[-1].get("peak_gpu_gib"))
 """
 )
 
@@ -243,11 +252,15 @@ def markdown(results: dict[str, Any]) -> str:
         if resolved and method == "lora":  # base_dtype only applies to lora
             lines.append(
                 f"sftune {method}, its 'auto' settings on this machine: lora.base_dtype={resolved['lora.base_dtype']}, "
-                f"train.gradient_checkpointing={resolved['train.gradient_checkpointing']} (MFU counts model FLOPs "
-                "against the fp32 ceiling, whatever dtype the frozen base's products ran in)."
+                f"train.gradient_checkpointing={resolved['train.gradient_checkpointing']}, host allocator "
+                f"{resolved.get('host allocator', '?')} (MFU counts model FLOPs against the fp32 ceiling, whatever dtype "
+                "the frozen base's products ran in)."
             )
         elif resolved:
-            lines.append(f"sftune {method}: train.gradient_checkpointing={resolved['train.gradient_checkpointing']}.")
+            lines.append(
+                f"sftune {method}: train.gradient_checkpointing={resolved['train.gradient_checkpointing']}, "
+                f"host allocator {resolved.get('host allocator', '?')}."
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -277,6 +277,22 @@ def run_demo(args: argparse.Namespace) -> None:
     demo(args.out, list(args.overrides))
 
 
+def start_on_host_allocator(config: Config) -> None:
+    """Start this command again, same process and arguments, with mimalloc as malloc (training/allocator.py),
+    where train.host_allocator wants it and it is not in use yet; returns where nothing needs to change."""
+    from sftune.training.allocator import relaunch_environment
+
+    environment = relaunch_environment(config.train)
+    if environment is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
+    except OSError as exc:  # the system's malloc then: slower and more memory, never a failed run
+        print(f"host allocator: could not start again on mimalloc ({exc}); the system's malloc", file=sys.stderr)
+
+
 def quiet_library_import_noise() -> None:
     """torchao (imported by transformers) warns about CUDA-only kernels it cannot load on CPU: noise for users."""
     for name in ("torchao", "torch.utils._pytree"):
@@ -304,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
             load_config(args.config, list(args.overrides))  # a config error is reported once, before any launch
             return launch_processes(args.nproc, arguments)
+        if argv is None and args.command in ("train", "dpo"):  # this process's own command line: it may restart
+            start_on_host_allocator(load_config(args.config, list(args.overrides)))
         code = handlers[args.command](args)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -165,6 +165,12 @@ class TrainConfig(_Section):
         "(lora.base_dtype) on a CPU, where the recompute costs little, and wherever the memory estimate is above "
         "train.memory_budget_gib; off otherwise.",
     )
+    lean_activations: bool = Field(
+        True,
+        description="Save each decoder block's norm outputs and its gated MLP's act(gate) and act(gate)*up for "
+        "backward as recipes, recomputed there from inputs kept anyway (element-wise work only, same gradients "
+        "bit for bit): about 40% less activation memory. Not used with gradient checkpointing or train.compile.",
+    )
     memory_budget_gib: float | None = Field(
         None,
         gt=0,
@@ -184,6 +190,12 @@ class TrainConfig(_Section):
         description="CPU: return freed activation memory to the OS at once (glibc mmap threshold fixed at 128 KiB). "
         "Peak RSS on the default model's bench: LoRA 4.76 -> 2.70 GiB, full 5.1 -> 4.4 GiB, for about 25% more CPU "
         "time (every step's activations are faulted in afresh).",
+    )
+    host_allocator: Literal["auto", "mimalloc", "system"] = Field(
+        "auto",
+        description="malloc of the training process: mimalloc (package cmeel-mimalloc, Linux) keeps peak memory "
+        "near the live tensors and runs CPU training faster than glibc's (bench: LoRA -35% peak RSS, 1.38x "
+        "tokens/s); `sftune train` starts itself on it. auto = mimalloc where installed; system = the OS's malloc.",
     )
     compile: bool = Field(
         False,

@@ -18,8 +18,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import platform
+import resource
 
 import torch
+
+from sftune.training.allocator import active_allocator
 
 M_MMAP_THRESHOLD = -3  # glibc <malloc.h>: mallopt parameter number
 # glibc's own starting value, kept: activations and gradients are mapped per tensor, Python's small objects are not.
@@ -39,9 +42,19 @@ def return_freed_memory(device: torch.device, threshold: int = MMAP_THRESHOLD_BY
     tensors are not malloc's); returns the line for the run log, saying what was done or why not."""
     if device.type != "cpu":
         return f"host memory: glibc defaults (tensors live on {device.type})"
+    if active_allocator() == "mimalloc":
+        return "host memory: mimalloc gives freed memory back at once (MIMALLOC_PURGE_DELAY=0)"
     libc = glibc()
     if libc is None:
         return "host memory: allocator defaults (not glibc: freed memory may stay resident)"
     if libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(threshold)) != 1:
         return f"host memory: glibc refused an mmap threshold of {threshold} bytes; allocator defaults"
     return f"host memory: freed blocks of {threshold // 1024} KiB and more go back to the OS (glibc mmap threshold)"
+
+
+def peak_memory() -> dict[str, float]:
+    """This process's peak host memory (RSS) so far, and the peak of GPU tensors where CUDA is in use, in GiB."""
+    peaks = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peaks["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return peaks

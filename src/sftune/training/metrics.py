@@ -10,6 +10,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from sftune.training.memory import peak_memory
+
 
 class MetricsLog:
     """Appends one JSON object per line; reading it back gives the whole run, resumed parts included."""
@@ -65,8 +67,9 @@ def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
 
 
 def log_step(log: MetricsLog, bar: Any, step: int, epoch: int, tokens_seen: int, values: dict[str, float]) -> None:
-    """One metrics.jsonl line for an optimizer step (loss, lr, grad_norm, tokens_per_s, ...) and the bar's postfix."""
-    log.write({"step": step, "epoch": epoch, **values, "tokens_seen": tokens_seen})
+    """One metrics.jsonl line for an optimizer step (loss, lr, grad_norm, tokens_per_s, ..., the peak memory so
+    far) and the bar's postfix."""
+    log.write({"step": step, "epoch": epoch, **values, "tokens_seen": tokens_seen, **peak_memory()})
     shown = {"loss": "{:.4f}", "lr": "{:.2e}", "tokens_per_s": "{:.0f}"}
     bar.set_postfix({key: fmt.format(values[key]) for key, fmt in shown.items() if key in values})
 

@@ -19,6 +19,7 @@ from sftune.config import Config, UserError, config_to_yaml
 from sftune.data.batching import accumulation_windows, window_micro_batches
 from sftune.model.frozen_base import resolve_base_dtype
 from sftune.model.load import bf16_supported, resolve_device
+from sftune.training.allocator import describe_allocator
 from sftune.training.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint
 from sftune.training.distributed import SINGLE, Distributed, init_distributed, training_device
 from sftune.training.manifest import sha256_of
@@ -105,6 +106,7 @@ def setup_process(config: Config) -> tuple[Config, torch.device, str, Distribute
     info = init_distributed(config, device)  # one process: SINGLE, and every collective after it is a no-op
     device = training_device(device, info)
     config = resolve_auto_settings(config, device, precision, info.strategy)  # lora.base_dtype, checkpointing
+    print(describe_allocator(config.train))
     if config.train.release_freed_memory:
         print(return_freed_memory(device))
     return config, device, precision, info
@@ -174,7 +176,7 @@ def steps_per_epoch(config: Config, num_examples: int, world_size: int = 1) -> i
 RESUME_FREE_KEYS = {
     "train": {"max_steps", "epochs", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every",
               "num_threads", "device", "memory_budget_gib",
-              "release_freed_memory"},
+              "release_freed_memory", "lean_activations", "host_allocator"},
     "output": {"dir", "overwrite", "save_dtype"},
     "eval": None,  # the whole section
     "generate": None,
