@@ -138,6 +138,13 @@ def run(method: str, steps: int, variant: list[str], data: Path, out: Path) -> d
     spec = {"model": resolve_model_path("smollm2-135m-instruct"), "data": str(data), "method": method,
             "steps": steps, "out": str(out), "overrides": overrides}  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra_env}
+    # The child runs sftune's command in-process (to mark its phases), so it is started on the host allocator
+    # the command would start itself on (training/allocator.py), unless the variant asks for the system's.
+    from sftune.training.allocator import mimalloc_library
+
+    library = mimalloc_library()
+    if library is not None and "train.host_allocator=system" not in overrides and "LD_PRELOAD" not in extra_env:
+        env["LD_PRELOAD"] = str(library)
     load = os.getloadavg()[0]
     done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True, env=env)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("PROFILE ")), None)

@@ -161,9 +161,9 @@ class TrainConfig(_Section):
     )
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto",
-        description="Recompute activations in backward to save memory. auto: on for lora on a bf16 frozen base "
-        "(lora.base_dtype) on a CPU, where the recompute costs little, and wherever the memory estimate is above "
-        "train.memory_budget_gib; off otherwise.",
+        description="Recompute activations in backward to save memory. auto: on a CPU, on for full fine-tuning "
+        "and for lora on a bf16 frozen base (lora.base_dtype), where the recompute costs little, and wherever the "
+        "memory estimate is above train.memory_budget_gib; off otherwise.",
     )
     lean_activations: bool = Field(
         True,

@@ -106,13 +106,14 @@ def test_auto_picks_bf16_only_where_native_and_not_under_fsdp2(monkeypatch, nati
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_settings_resolve_to_concrete_values(monkeypatch, native):
-    """Checkpointing auto = on exactly for lora on a bf16 base on a CPU; explicit choices are kept."""
+    """Checkpointing auto = on, on a CPU, exactly for lora on a bf16 base and for full fine-tuning; explicit
+    choices are kept."""
     monkeypatch.setattr(frozen_base, "bf16_supported", lambda device: native)
     lora = resolve_auto_settings(config(), CPU, "fp32", "single")
     assert lora.lora.base_dtype == ("bf16" if native else "fp32")
     assert lora.train.gradient_checkpointing is native
     full = resolve_auto_settings(config("full"), CPU, "fp32", "single")
-    assert full.train.gradient_checkpointing is False and full.lora.base_dtype == "auto"  # not used by full
+    assert full.train.gradient_checkpointing is True and full.lora.base_dtype == "auto"  # not used by full
     kept = resolve_auto_settings(config(gradient_checkpointing=False), CPU, "fp32", "single")
     assert kept.train.gradient_checkpointing is False
     assert resolve_auto_settings(lora, CPU, "fp32", "single") == lora  # resolving twice changes nothing

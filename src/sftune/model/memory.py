@@ -68,14 +68,21 @@ def count_lora_parameters(model_config: Any, rank: int, target_modules: list[str
 
 
 def estimate_activation_bytes(
-    model_config: Any, tokens: int, gradient_checkpointing: bool, sequence_length: int, padding_free: bool = True
+    model_config: Any,
+    tokens: int,
+    gradient_checkpointing: bool,
+    sequence_length: int,
+    padding_free: bool = True,
+    lean: bool = False,
 ) -> int:
-    """fp32 tensors kept for backward, per token: ~(10 hidden + 4 intermediate) per layer; with padded batches
-    also the attention scores and probabilities (heads x sequence length; padding-free rows use the fused kernel,
-    which keeps neither). Logits: one chunk of the chunked head + loss, its softmax and gradient (training/loss.py)."""
+    """fp32 tensors kept for backward, per token: ~(10 hidden + 4 intermediate) per layer, (8 hidden + 2
+    intermediate) with lean activations (model/lean_activations.py: no norm outputs, no act(gate) or act(gate)*up);
+    with padded batches also the attention scores and probabilities (heads x sequence length; padding-free rows use
+    the fused kernel, which keeps neither). Logits: one chunk of the chunked head + loss, its softmax and gradient
+    (training/loss.py)."""
     hidden, inter, layers = model_config.hidden_size, model_config.intermediate_size, model_config.num_hidden_layers
     scores = 0 if padding_free else 2 * model_config.num_attention_heads * sequence_length
-    per_layer = (10 * hidden + 4 * inter + scores) * 4
+    per_layer = ((8 * hidden + 2 * inter) if lean else (10 * hidden + 4 * inter)) * 4 + scores * 4
     kept_layers = 1 if gradient_checkpointing else layers
     checkpoints = layers * hidden * 4 if gradient_checkpointing else 0
     return int(tokens * (kept_layers * per_layer + checkpoints) + 2 * CHUNK_LOGITS_BYTES)
@@ -120,7 +127,10 @@ def estimate_memory(
     targets, unknown = lora_targets(model_config, config.lora.target_modules)
     adapter = count_lora_parameters(model_config, config.lora.r, config.lora.target_modules)
     gc_on = config.train.gradient_checkpointing is True  # "auto" not resolved (training/run.resolve_auto_settings): off
-    activations = estimate_activation_bytes(model_config, micro_batch_tokens, gc_on, length, config.train.padding_free)
+    lean = config.train.lean_activations and not gc_on and not config.train.compile
+    activations = estimate_activation_bytes(
+        model_config, micro_batch_tokens, gc_on, length, config.train.padding_free, lean
+    )
     adapter_activations = activations + estimate_dropout_bytes(model_config, micro_batch_tokens, config)
     base_bytes = 4 if config.model.dtype in ("fp32", "auto") else 2
     frozen_linear_bytes = 2 if config.lora.base_dtype == "bf16" else base_bytes  # lora: model/frozen_base.py
