@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel
@@ -277,6 +278,17 @@ def run_demo(args: argparse.Namespace) -> None:
     demo(args.out, list(args.overrides))
 
 
+def is_own_command_line(arguments: list[str]) -> bool:
+    """True when this process was started as this very sftune command (the `sftune` script or `python -m
+    sftune.cli`, with these arguments), so that starting it again runs it again and nothing else: never for a
+    call from Python (a notebook, a test, a wrapper script), whose process must not be replaced."""
+    command = list(sys.orig_argv)
+    if not arguments or command[-len(arguments) :] != arguments:
+        return False
+    before = command[: -len(arguments)]
+    return before[-2:] == ["-m", "sftune.cli"] or (len(before) >= 2 and Path(before[-1]).name == "sftune")
+
+
 def start_on_host_allocator(config: Config) -> None:
     """Start this command again, same process and arguments, with mimalloc as malloc (training/allocator.py),
     where train.host_allocator wants it and it is not in use yet; returns where nothing needs to change."""
@@ -320,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
             load_config(args.config, list(args.overrides))  # a config error is reported once, before any launch
             return launch_processes(args.nproc, arguments)
-        if argv is None and args.command in ("train", "dpo"):  # this process's own command line: it may restart
+        if args.command in ("train", "dpo") and is_own_command_line(arguments):  # it may start itself again
             start_on_host_allocator(load_config(args.config, list(args.overrides)))
         code = handlers[args.command](args)
     except USER_ERRORS as exc:

@@ -12,7 +12,7 @@ import gc
 import pytest
 import torch
 
-from sftune.model.lean_activations import BlockRecipes, is_gated_mlp, make_activations_lean, unpack
+from sftune.model.lean_activations import BlockRecipes, is_gated_mlp, is_product_of, make_activations_lean, unpack
 from sftune.model.load import load_model
 from sftune.training.allocator import active_allocator
 from sftune.training.memory import glibc
@@ -143,3 +143,24 @@ def test_a_tensor_changed_in_place_is_kept_not_remade():
         return x.grad.clone()
 
     assert torch.equal(run(lean=True), run(lean=False))
+
+
+def test_only_down_input_made_as_that_product_is_registered():
+    gate = torch.randn(4, 6, requires_grad=True)
+    activated, up = torch.nn.functional.silu(gate), gate * 3
+    assert is_product_of(activated * up, activated, up) and is_product_of(up * activated, activated, up)
+    dropped = torch.nn.functional.dropout(activated * up, p=0.5, training=True)  # e.g. an MLP with dropout
+    assert not is_product_of(dropped, activated, up)
+    assert not is_product_of(2 * activated * up, activated, up)
+    assert not is_product_of(activated * up, activated, gate * 3)  # equal values, another tensor
+
+
+def test_in_place_change_of_a_kept_tensor_raises_as_autograd_does():
+    x = torch.randn(3, 5, requires_grad=True)
+    recipes = BlockRecipes()
+    with torch.autograd.graph.saved_tensors_hooks(recipes.pack, unpack):
+        made = x * 2
+        loss = (made * made).sum()  # saves `made`, kept as it is
+    made.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

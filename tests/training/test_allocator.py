@@ -3,8 +3,12 @@ when it does not (asked for the system's, already on it, already started again, 
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 
+from sftune.cli import is_own_command_line
 from sftune.config import TrainConfig, UserError
 from sftune.training import allocator
 from sftune.training.allocator import RELAUNCHED, relaunch_environment
@@ -25,15 +29,17 @@ def test_auto_preloads_mimalloc_before_what_was_preloaded(installed):
     environment = relaunch_environment(TrainConfig())
     assert environment is not None
     assert environment["LD_PRELOAD"] == f"{installed} libother.so"
-    assert environment[RELAUNCHED] == "mimalloc" and "MIMALLOC_PURGE_DELAY" not in environment
+    assert environment[RELAUNCHED] == str(os.getpid()) and "MIMALLOC_PURGE_DELAY" not in environment
     eager = relaunch_environment(TrainConfig(release_freed_memory=True))
     assert eager is not None and eager["MIMALLOC_PURGE_DELAY"] == "0"
 
 
 def test_no_restart_where_none_is_wanted_or_needed(installed, monkeypatch):
     assert relaunch_environment(TrainConfig(host_allocator="system")) is None
-    monkeypatch.setenv(RELAUNCHED, "mimalloc")  # started again already: never a second time, loaded or not
+    monkeypatch.setenv(RELAUNCHED, str(os.getpid()))  # started again already: never a second time, loaded or not
     assert relaunch_environment(TrainConfig()) is None
+    monkeypatch.setenv(RELAUNCHED, str(os.getpid() + 1))  # inherited from a parent: this process may restart
+    assert relaunch_environment(TrainConfig()) is not None
     monkeypatch.delenv(RELAUNCHED)
     monkeypatch.setattr(allocator, "active_allocator", lambda: "mimalloc")  # e.g. the user preloaded it
     assert relaunch_environment(TrainConfig(host_allocator="mimalloc")) is None
@@ -44,3 +50,18 @@ def test_missing_mimalloc_is_the_system_allocator_under_auto_and_an_error_when_a
     assert relaunch_environment(TrainConfig()) is None
     with pytest.raises(UserError, match="pip install cmeel-mimalloc"):
         relaunch_environment(TrainConfig(host_allocator="mimalloc"))
+
+
+@pytest.mark.parametrize(
+    ("command", "own"),
+    [
+        (["/venv/bin/python", "/venv/bin/sftune", "train", "run.yaml"], True),
+        (["python", "-u", "-m", "sftune.cli", "train", "run.yaml"], True),  # torchrun's ranks
+        (["python", "-m", "ipykernel_launcher", "-f", "k.json"], False),  # a notebook calling main()
+        (["python", "wrapper.py", "train", "run.yaml"], False),  # a script of the user's: never replaced
+        (["/venv/bin/sftune", "train", "other.yaml"], False),
+    ],
+)
+def test_only_the_sftune_command_itself_starts_again(monkeypatch, command, own):
+    monkeypatch.setattr(sys, "orig_argv", command)
+    assert is_own_command_line(["train", "run.yaml"]) is own

@@ -8,13 +8,15 @@ last digit: LoRA 3.49 -> 2.26 GiB peak RSS at 1.38x the tokens/s (fp32 base, no 
 4.59 -> 4.10 GiB at 1.22x (bench/results/memory_profile.md).
 
 malloc is chosen when a process starts, so `sftune train` / `sftune dpo` start themselves again (exec, same process
-id, same arguments) with mimalloc preloaded before anything is imported; the variable `SFTUNE_HOST_ALLOCATOR` in the
-new environment stops it from happening twice. The Python API runs inside its caller's process and cannot swap
-malloc: it says so in the run log. This module imports no torch: the command decides before loading it.
+id, same arguments) with mimalloc preloaded before anything is imported; the variable `SFTUNE_HOST_ALLOCATOR` (the
+process id) in the new environment stops it from happening twice. The Python API runs inside its caller's process
+and cannot swap malloc: it says so in the run log. This module imports no torch: the command decides before
+loading it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import os
 import platform
@@ -43,18 +45,25 @@ def mimalloc_library() -> Path | None:
 
 
 def active_allocator() -> str:
-    """'mimalloc' when this process runs on it (preloaded), else 'system'."""
+    """'mimalloc' when this process runs on it (preloaded: its symbols are in the global namespace), else
+    'system'."""
     try:
-        maps = Path("/proc/self/maps").read_text()
+        process = ctypes.CDLL(None)
     except OSError:
         return "system"
-    return "mimalloc" if "libmimalloc" in maps else "system"
+    return "mimalloc" if hasattr(process, "mi_version") else "system"
+
+
+def is_started_again() -> bool:
+    """True in the process this command started again (exec keeps the process id; a child process of it, e.g. a
+    `sftune train` it runs, has another and may start itself again)."""
+    return os.environ.get(RELAUNCHED) == str(os.getpid())
 
 
 def relaunch_environment(train: TrainConfig) -> dict[str, str] | None:
     """The environment to start this command again in so that mimalloc is its malloc; None to go on as it is
     (system allocator asked for, mimalloc already in use, already started again, or not installed under auto)."""
-    if train.host_allocator == "system" or os.environ.get(RELAUNCHED) or active_allocator() == "mimalloc":
+    if train.host_allocator == "system" or is_started_again() or active_allocator() == "mimalloc":
         return None
     library = mimalloc_library()
     if library is None:
@@ -65,7 +74,7 @@ def relaunch_environment(train: TrainConfig) -> dict[str, str] | None:
             )
         return None
     preload = " ".join(part for part in (str(library), os.environ.get("LD_PRELOAD", "")) if part)
-    environment = {**os.environ, "LD_PRELOAD": preload, RELAUNCHED: "mimalloc"}
+    environment = {**os.environ, "LD_PRELOAD": preload, RELAUNCHED: str(os.getpid())}
     if train.release_freed_memory:
         environment.setdefault("MIMALLOC_PURGE_DELAY", "0")  # give freed memory back at once, not after 10 ms
     return environment
@@ -76,11 +85,13 @@ def describe_allocator(train: TrainConfig) -> str:
     active = active_allocator()
     if active == "mimalloc":
         return "host allocator: mimalloc (train.host_allocator)"
-    if train.host_allocator == "system" or mimalloc_library() is None:
+    if train.host_allocator == "system" or (train.host_allocator == "auto" and mimalloc_library() is None):
         return "host allocator: the system's malloc (train.host_allocator)"
-    if os.environ.get(RELAUNCHED):
+    if is_started_again():
         return f"host allocator: the system's malloc (LD_PRELOAD={os.environ.get('LD_PRELOAD')} did not load)"
+    library = mimalloc_library()
     return (
-        "host allocator: the system's malloc (a run started from Python keeps its process's; `sftune train` starts "
-        "on mimalloc: lower peak memory and faster on a CPU)"
+        "host allocator: the system's malloc, not mimalloc: a run started from Python keeps its process's malloc "
+        f"(`sftune train` starts itself on mimalloc; here, start Python with LD_PRELOAD={library}) for lower peak "
+        "memory and faster CPU steps"
     )
