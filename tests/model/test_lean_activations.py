@@ -164,3 +164,40 @@ def test_in_place_change_of_a_kept_tensor_raises_as_autograd_does():
     made.add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("family", "sizes", "gated"),
+    [
+        ("Qwen3", {"head_dim": 16}, 2),  # q/k norms too
+        ("Gemma2", {"head_dim": 16}, 2),  # (1 + w) norms, pre and post norms, GELU-tanh gate
+        ("Olmo2", {}, 2),  # norms after attention and MLP
+        ("Phi3", {"pad_token_id": None, "resid_pdrop": 0.2}, 0),  # fused gate_up: MLP as it is; dropout
+        ("GPT2", {"n_embd": 64, "n_layer": 2, "n_head": 4}, 0),  # LayerNorm; MLP with no gate; dropout
+    ],
+)
+def test_other_model_families_train_the_same(family, sizes, gated):
+    import transformers
+
+    config_class = getattr(transformers, f"{family}Config")
+    model_class = getattr(transformers, f"{family}LMHeadModel" if family == "GPT2" else f"{family}ForCausalLM")
+    config = config_class(**({"vocab_size": 128} if family == "GPT2" else TINY), **sizes)
+    torch.manual_seed(0)
+    model = model_class(config)
+    lean = copy.deepcopy(model)
+    assert make_activations_lean(lean) == (2, gated)
+    ids = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(0))
+
+    def run(model):
+        torch.manual_seed(1)  # the same dropout masks in both
+        return model(input_ids=ids, labels=ids).loss
+
+    loss, grads = gradients(model, run)
+    lean_loss, lean_grads = gradients(lean, run)
+    assert torch.equal(loss, lean_loss) and grads.keys() == lean_grads.keys()
+    for name, grad in grads.items():
+        assert torch.equal(grad, lean_grads[name]), name

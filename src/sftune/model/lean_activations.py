@@ -278,10 +278,12 @@ def is_gated_mlp(module: Any, dtype: torch.dtype, device: torch.device) -> bool:
         module.down_proj.register_forward_pre_hook(lambda m, a: seen["down_proj"].append(a[0] if a else None)),
     ]
     probe = torch.randn(1, 3, width, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
-    try:
-        with torch.no_grad():  # own generator: the run's random stream is the same with lean activations or not
-            module(probe)
+    training = module.training
+    try:  # own generator, eval mode (no dropout draws): the run's random stream is the same, lean or not
+        with torch.no_grad():
+            module.eval()(probe)
     finally:
+        module.train(training)
         for handle in handles:
             handle.remove()
     if any(len(calls) != 1 for calls in seen.values()):
