@@ -33,9 +33,16 @@ from typing import Any
 
 import torch
 
+from sftune.config import TrainConfig
 from sftune.model.blocks import decoder_layers
 
 GATED_MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
+
+
+def is_used(train: TrainConfig) -> bool:
+    """Whether a run's blocks are made lean: asked for, and their activations not handled otherwise (activation
+    checkpointing, also when still 'auto': it may resolve to on; train.compile)."""
+    return train.lean_activations and not train.gradient_checkpointing and not train.compile
 
 
 def modified_error(what: str) -> RuntimeError:

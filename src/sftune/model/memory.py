@@ -11,6 +11,7 @@ from typing import Any
 
 from sftune.config import Config
 from sftune.model.fused_lora import SHARED_INPUT_GROUPS
+from sftune.model.lean_activations import is_used as is_lean
 
 # Python + torch + transformers + peft after import, before any model (CPU, measured by bench/methods.py).
 RUNTIME_BYTES = int(0.35 * 1024**3)
@@ -127,7 +128,7 @@ def estimate_memory(
     targets, unknown = lora_targets(model_config, config.lora.target_modules)
     adapter = count_lora_parameters(model_config, config.lora.r, config.lora.target_modules)
     gc_on = config.train.gradient_checkpointing is True  # "auto" not resolved (training/run.resolve_auto_settings): off
-    lean = config.train.lean_activations and not gc_on and not config.train.compile
+    lean = is_lean(config.train)
     activations = estimate_activation_bytes(
         model_config, micro_batch_tokens, gc_on, length, config.train.padding_free, lean
     )

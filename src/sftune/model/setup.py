@@ -12,6 +12,7 @@ from sftune.data.templates import ChatTemplate, install_template, resolve_templa
 from sftune.model.attention import ATTENTION
 from sftune.model.blocks import compile_blocks
 from sftune.model.frozen_base import cast_frozen_base, resolve_base_dtype
+from sftune.model.lean_activations import is_used as is_lean
 from sftune.model.lean_activations import make_activations_lean
 from sftune.model.load import load_model, load_tokenizer, resolve_model_path
 from sftune.model.lora import prepare_model
@@ -73,7 +74,7 @@ def setup_model(
         print(f"LoRA: {cast} frozen base linears stored in {str(base_dtype).removeprefix('torch.')} (lora.base_dtype)")
     if config.train.compile:
         print(f"torch.compile: {compile_blocks(model)} decoder blocks, compiled at their first micro-batches")
-    elif config.train.lean_activations and not config.train.gradient_checkpointing:
+    elif is_lean(config.train):
         blocks, gated = make_activations_lean(model)
         print(f"lean activations: norm outputs of {blocks} decoder blocks and act(gate)*up of {gated} gated MLPs "
               "recomputed in backward instead of kept (train.lean_activations)")  # fmt: skip
