@@ -95,6 +95,27 @@ def test_chunked_linear_cross_entropy_equals_plain_cross_entropy(monkeypatch, wi
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_chunked_loss_gradients_accumulate_over_micro_batches_and_are_handed_over_once():
+    """The head's gradients are computed in forward and handed to autograd in backward (scaled in place, no copy):
+    two micro-batches accumulate into .grad exactly as the plain loss does, and a second backward through the same
+    graph is refused rather than handing over an already-used gradient."""
+    from sftune.training import loss as loss_module
+
+    torch.manual_seed(0)
+    weight = torch.randn(97, 16, dtype=torch.float64, requires_grad=True)
+    plain_weight = weight.detach().clone().requires_grad_(True)
+    for _ in range(2):
+        hidden = torch.randn(12, 16, dtype=torch.float64)
+        targets = torch.randint(0, 97, (12,))
+        (loss_module.linear_cross_entropy(hidden, weight, None, targets) / 24).backward()
+        (F.cross_entropy(F.linear(hidden, plain_weight), targets, reduction="sum") / 24).backward()
+    torch.testing.assert_close(weight.grad, plain_weight.grad, atol=1e-6, rtol=1e-6)
+    again = loss_module.linear_cross_entropy(hidden, weight, None, targets)
+    again.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        again.backward()
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_chunked_log_probs_equal_log_softmax_with_any_per_row_gradient(monkeypatch, with_bias):
     """DPO's per-token log-probs: values and gradients (a different weight per row, as sequence sums give) equal

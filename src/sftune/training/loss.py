@@ -100,8 +100,8 @@ class HeadGrads:
     def add(self, start: int, rows: torch.Tensor, grad_logits: torch.Tensor, weight: torch.Tensor) -> None:
         if self.hidden is not None:
             self.hidden[start : start + len(rows)] = (grad_logits.to(weight.dtype) @ weight).to(self.hidden.dtype)
-        if self.weight is not None:
-            self.weight += grad_logits.T @ rows.float()
+        if self.weight is not None:  # in place: no [vocab, hidden] product beside the sum
+            self.weight.addmm_(grad_logits.T, rows.float())
         if self.bias is not None:
             self.bias += grad_logits.sum(0)
 
@@ -130,18 +130,22 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_logits = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place of the logits
             grad_logits[torch.arange(len(target), device=target.device), target] -= 1.0
             grads.add(start, rows, grad_logits, weight)
-        ctx.save_for_backward(grads.hidden, grads.weight, grads.bias)
+        ctx.grads = grads  # not inputs or outputs of this function: kept on ctx, given up in backward
         ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        # Scaled in place and handed over: the stored sums are the gradients' only copy (a [vocab, hidden] weight
+        # gradient is the largest tensor of a small model's step), and autograd takes them as they are.
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("LinearCrossEntropy's gradients were already used: its backward runs once per forward")
         scale = grad_output.float()
         return (
-            None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
-            None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype),
-            None if grad_bias is None else (grad_bias * scale).to(ctx.weight_dtype),
+            None if grads.hidden is None else grads.hidden.mul_(scale.to(grads.hidden.dtype)),
+            None if grads.weight is None else grads.weight.mul_(scale).to(ctx.weight_dtype),
+            None if grads.bias is None else grads.bias.mul_(scale).to(ctx.weight_dtype),
             None,
         )
 
