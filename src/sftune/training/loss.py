@@ -124,15 +124,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start, rows, target in chunks_of_rows(hidden, targets, weight.shape[0]):
             logits = F.linear(rows, weight, bias).float()  # [chunk, vocab]
-            # log-sum-exp and softmax in place of the logits: one exp pass and no second [chunk, vocab] buffer
             target_logit = logits.gather(1, target[:, None]).squeeze(1)
-            row_max = logits.amax(dim=-1, keepdim=True)
-            exps = logits.sub_(row_max).exp_()
-            sums = exps.sum(dim=-1, keepdim=True)
-            total += (sums.log().squeeze(1) + row_max.squeeze(1) - target_logit).sum()
+            grad_logits, log_norm = softmax_in_place(logits)
+            total += (log_norm - target_logit).sum()
             if not grads.needed:
                 continue
-            grad_logits = exps.div_(sums)  # softmax
             grad_logits[torch.arange(len(target), device=target.device), target] -= 1.0
             grads.add(start, rows, grad_logits, weight)
         ctx.grads = grads  # not inputs or outputs of this function: kept on ctx, given up in backward
@@ -179,7 +175,8 @@ class LinearLogProbs(torch.autograd.Function):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for start, rows, target in chunks_of_rows(hidden, targets, weight.shape[0]):
             logits = F.linear(rows, weight, bias).float()
-            out[start : start + len(rows)] = logits.gather(1, target[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
+            target_logit = logits.gather(1, target[:, None]).squeeze(1)
+            out[start : start + len(rows)] = target_logit - softmax_in_place(logits)[1]
         ctx.save_for_backward(hidden, weight, bias, targets)
         device = hidden.device.type  # backward recomputes the logits under the same autocast as forward
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
@@ -194,7 +191,7 @@ class LinearLogProbs(torch.autograd.Function):
             for start, rows, target in chunks_of_rows(hidden, targets, weight.shape[0]):
                 scale = grad_output[start : start + len(rows)].float()
                 logits = F.linear(rows, weight, bias).float()
-                grad_logits = torch.softmax(logits, dim=-1).mul_(-scale[:, None])  # d logp / d logits = onehot - p
+                grad_logits = softmax_in_place(logits)[0].mul_(-scale[:, None])  # d logp / d logits = onehot - p
                 grad_logits[torch.arange(len(target), device=target.device), target] += scale
                 grads.add(start, rows, grad_logits, weight)
         return (
@@ -203,6 +200,15 @@ class LinearLogProbs(torch.autograd.Function):
             None if grads.bias is None else grads.bias.to(weight.dtype),
             None,
         )
+
+
+def softmax_in_place(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax, log-sum-exp) of each row of fp32 `logits`, the softmax written over them: one exp pass and no
+    second [chunk, vocab] buffer (torch.logsumexp and torch.softmax would each make one and exponentiate again)."""
+    row_max = logits.amax(dim=-1, keepdim=True)
+    exps = logits.sub_(row_max).exp_()
+    sums = exps.sum(dim=-1, keepdim=True)
+    return exps.div_(sums), (sums.log() + row_max).squeeze(1)
 
 
 def chunks_of_rows(
