@@ -157,3 +157,11 @@ def test_a_bf16_frozen_base_halves_the_block_linears_in_the_lora_estimate():
     saved = count_model_parameters(model_config)["linear"] * 2 / 2**30  # 4 -> 2 bytes per block-linear weight
     assert estimates["fp32"]["lora_gib"] - estimates["bf16"]["lora_gib"] == pytest.approx(saved, abs=2e-3)
     assert estimates["fp32"]["full_gib"] == estimates["bf16"]["full_gib"]  # full trains every weight in fp32
+
+
+def test_the_estimate_counts_the_chunk_the_loss_holds():
+    """The estimate's logits are the chunked loss's chunk: one size, kept in two modules that must agree."""
+    from sftune.model import memory
+    from sftune.training import loss
+
+    assert memory.CHUNK_LOGITS_BYTES == loss.CHUNK_LOGITS * 4  # fp32 values

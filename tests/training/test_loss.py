@@ -116,6 +116,40 @@ def test_chunked_loss_gradients_accumulate_over_micro_batches_and_are_handed_ove
         again.backward()
 
 
+def test_chunked_loss_under_no_grad_is_the_same_value_with_nothing_to_backpropagate():
+    """Evaluation runs the loss under no_grad on parameters that require grad: the same sum, no graph (and no
+    gradients computed ahead in forward)."""
+    from sftune.training import loss as loss_module
+
+    torch.manual_seed(0)
+    hidden = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(97, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 97, (20,))
+    with torch.no_grad():
+        value = loss_module.linear_cross_entropy(hidden, weight, None, targets)
+    assert value.grad_fn is None and not value.requires_grad
+    plain = F.cross_entropy(F.linear(hidden, weight), targets, reduction="sum")
+    torch.testing.assert_close(value, plain.detach().float(), atol=1e-5, rtol=1e-6)
+
+
+def test_chunked_loss_under_bf16_autocast_stays_close_to_fp32_and_keeps_fp32_gradients():
+    from sftune.training import loss as loss_module
+
+    torch.manual_seed(0)
+    hidden = torch.randn(40, 32, requires_grad=True)
+    weight = (0.1 * torch.randn(300, 32)).requires_grad_(True)
+    targets = torch.randint(0, 300, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = loss_module.linear_cross_entropy(hidden, weight, None, targets)
+    mixed_grads = torch.autograd.grad(mixed, [hidden, weight])
+    exact = loss_module.linear_cross_entropy(hidden, weight, None, targets)
+    exact_grads = torch.autograd.grad(exact, [hidden, weight])
+    assert mixed.dtype == torch.float32 and all(g.dtype == torch.float32 for g in mixed_grads)
+    torch.testing.assert_close(mixed, exact, rtol=2e-2, atol=0.0)
+    for got, want in zip(mixed_grads, exact_grads, strict=True):
+        assert (got - want).norm() / want.norm() < 3e-2
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_chunked_log_probs_equal_log_softmax_with_any_per_row_gradient(monkeypatch, with_bias):
     """DPO's per-token log-probs: values and gradients (a different weight per row, as sequence sums give) equal

@@ -16,7 +16,7 @@ from sftune.model.lean_activations import is_used as is_lean
 # Python + torch + transformers + peft after import, before any model (CPU, measured by bench/methods.py).
 RUNTIME_BYTES = int(0.35 * 1024**3)
 GIB = 1024**3
-CHUNK_LOGITS_BYTES = 16 * 1024 * 1024 * 4  # training/loss.py CHUNK_LOGITS fp32 values
+CHUNK_LOGITS_BYTES = 8 * 1024 * 1024 * 4  # training/loss.py CHUNK_LOGITS fp32 values (a test keeps them equal)
 
 
 def block_linears(model_config: Any) -> dict[str, tuple[int, int]]:
@@ -79,14 +79,14 @@ def estimate_activation_bytes(
     """fp32 tensors kept for backward, per token: ~(10 hidden + 4 intermediate) per layer, (8 hidden + 2
     intermediate) with lean activations (model/lean_activations.py: no norm outputs, no act(gate) or act(gate)*up);
     with padded batches also the attention scores and probabilities (heads x sequence length; padding-free rows use
-    the fused kernel, which keeps neither). Logits: one chunk of the chunked head + loss, its softmax and gradient
-    (training/loss.py)."""
+    the fused kernel, which keeps neither). Logits: one chunk of the chunked head + loss (training/loss.py; its
+    softmax and gradient are written over it)."""
     hidden, inter, layers = model_config.hidden_size, model_config.intermediate_size, model_config.num_hidden_layers
     scores = 0 if padding_free else 2 * model_config.num_attention_heads * sequence_length
     per_layer = ((8 * hidden + 2 * inter) if lean else (10 * hidden + 4 * inter)) * 4 + scores * 4
     kept_layers = 1 if gradient_checkpointing else layers
     checkpoints = layers * hidden * 4 if gradient_checkpointing else 0
-    return int(tokens * (kept_layers * per_layer + checkpoints) + 2 * CHUNK_LOGITS_BYTES)
+    return int(tokens * (kept_layers * per_layer + checkpoints) + CHUNK_LOGITS_BYTES)
 
 
 def estimate_dropout_bytes(model_config: Any, tokens: int, config: Config) -> int:

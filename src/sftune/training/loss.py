@@ -101,7 +101,11 @@ class HeadGrads:
     def add(self, start: int, rows: torch.Tensor, grad_logits: torch.Tensor, weight: torch.Tensor) -> None:
         if self.hidden is not None:
             self.hidden[start : start + len(rows)] = (grad_logits.to(weight.dtype) @ weight).to(self.hidden.dtype)
-        if self.weight is not None:  # in place: no [vocab, hidden] product beside the sum
+        if self.weight is None:
+            return
+        if torch.is_autocast_enabled(rows.device.type):  # the product in the autocast dtype, summed in fp32
+            self.weight += grad_logits.T @ rows
+        else:  # in place: no [vocab, hidden] product beside the sum
             self.weight.addmm_(grad_logits.T, rows.float())
         if self.bias is not None:
             self.bias += grad_logits.sum(0)
@@ -125,7 +129,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start, rows, target in chunks_of_rows(hidden, targets, weight.shape[0]):
             logits = F.linear(rows, weight, bias).float()  # [chunk, vocab]
             target_logit = logits.gather(1, target[:, None]).squeeze(1)
-            grad_logits, log_norm = softmax_in_place(logits)
+            grad_logits, log_norm = softmax_in_place(logits, normalise=grads.needed)
             total += (log_norm - target_logit).sum()
             if not grads.needed:
                 continue
@@ -157,6 +161,9 @@ def linear_cross_entropy(
     """Summed cross-entropy of the head's logits over `hidden` rows, without holding all the logits at once."""
     if hidden.shape[0] == 0:
         return (hidden.sum() * 0.0).float() + (weight.sum() * 0.0).float()  # no supervised rows: a zero in the graph
+    if not torch.is_grad_enabled():  # evaluation: no gradients to take ahead (needs_input_grad ignores no_grad)
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
     return LinearCrossEntropy.apply(hidden, weight, bias, targets)  # type: ignore[no-any-return]
 
 
@@ -176,7 +183,7 @@ class LinearLogProbs(torch.autograd.Function):
         for start, rows, target in chunks_of_rows(hidden, targets, weight.shape[0]):
             logits = F.linear(rows, weight, bias).float()
             target_logit = logits.gather(1, target[:, None]).squeeze(1)
-            out[start : start + len(rows)] = target_logit - softmax_in_place(logits)[1]
+            out[start : start + len(rows)] = target_logit - softmax_in_place(logits, normalise=False)[1]
         ctx.save_for_backward(hidden, weight, bias, targets)
         device = hidden.device.type  # backward recomputes the logits under the same autocast as forward
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
@@ -202,13 +209,14 @@ class LinearLogProbs(torch.autograd.Function):
         )
 
 
-def softmax_in_place(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_in_place(logits: torch.Tensor, normalise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(softmax, log-sum-exp) of each row of fp32 `logits`, the softmax written over them: one exp pass and no
-    second [chunk, vocab] buffer (torch.logsumexp and torch.softmax would each make one and exponentiate again)."""
+    second [chunk, vocab] buffer (torch.logsumexp and torch.softmax would each make one and exponentiate again).
+    normalise=False skips the division where only the log-sum-exp is wanted (the first value is then exp(x - max))."""
     row_max = logits.amax(dim=-1, keepdim=True)
     exps = logits.sub_(row_max).exp_()
     sums = exps.sum(dim=-1, keepdim=True)
-    return exps.div_(sums), (sums.log() + row_max).squeeze(1)
+    return exps.div_(sums) if normalise else exps, (sums.log() + row_max).squeeze(1)
 
 
 def chunks_of_rows(
