@@ -82,14 +82,13 @@ def relaunch_environment(train: TrainConfig) -> dict[str, str] | None:
 
 def describe_allocator(train: TrainConfig) -> str:
     """The run log's line on the host allocator."""
-    active = active_allocator()
-    if active == "mimalloc":
+    if active_allocator() == "mimalloc":
         return "host allocator: mimalloc (train.host_allocator)"
-    if train.host_allocator == "system" or (train.host_allocator == "auto" and mimalloc_library() is None):
+    library = mimalloc_library()
+    if train.host_allocator == "system" or (train.host_allocator == "auto" and library is None):
         return "host allocator: the system's malloc (train.host_allocator)"
     if is_started_again():
         return f"host allocator: the system's malloc (LD_PRELOAD={os.environ.get('LD_PRELOAD')} did not load)"
-    library = mimalloc_library()
     return (
         "host allocator: the system's malloc, not mimalloc: a run started from Python keeps its process's malloc "
         f"(`sftune train` starts itself on mimalloc; here, start Python with LD_PRELOAD={library}) for lower peak "

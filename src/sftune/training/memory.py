@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import platform
 import resource
 
@@ -42,8 +43,11 @@ def return_freed_memory(device: torch.device, threshold: int = MMAP_THRESHOLD_BY
     tensors are not malloc's); returns the line for the run log, saying what was done or why not."""
     if device.type != "cpu":
         return f"host memory: glibc defaults (tensors live on {device.type})"
-    if active_allocator() == "mimalloc":
-        return "host memory: mimalloc gives freed memory back at once (MIMALLOC_PURGE_DELAY=0)"
+    if active_allocator() == "mimalloc":  # its purge delay is read when the process starts (training/allocator.py)
+        if os.environ.get("MIMALLOC_PURGE_DELAY") == "0":
+            return "host memory: mimalloc gives freed memory back at once (MIMALLOC_PURGE_DELAY=0)"
+        return ("host memory: mimalloc gives freed memory back after its purge delay (set MIMALLOC_PURGE_DELAY=0 "
+                "before the process starts to give it back at once)")  # fmt: skip
     libc = glibc()
     if libc is None:
         return "host memory: allocator defaults (not glibc: freed memory may stay resident)"
