@@ -2,6 +2,7 @@
 final loss and model FLOPs utilisation, for LoRA and full fine-tuning.
 
     python bench/compare.py [--steps 8] [--repeats 2] [--methods lora,full] [--quick] [--out bench/results]
+                            [--variant LABEL:METHOD:OVERRIDE[,OVERRIDE...]]
 
 Both tools train the default model (SmolLM2-135M-Instruct) on the same rows (../shared/data/alpaca_en_demo.json
 when present, else the bundled demo data), rendered with the model's own chat template, loss on the response only,
@@ -11,7 +12,10 @@ alpha=32, dropout 0, all linear layers). Each run is a fresh process (peak RSS i
 interleaved (sftune, TRL, sftune, TRL, ...) so both see the same machine noise; the load average before each run,
 the CPU model and a measured matmul ceiling (fp32 and bf16) are recorded. Each tool keeps its own defaults for
 everything else (TRL: gradient checkpointing on, padded batches; sftune: padding-free rows); they are listed in
-the output. Writes compare.json and compare.md to --out. Not a test; `--quick` is a smoke run used by the suite.
+the output. A variant is one more sftune run of a method, with overrides, after each TRL run of that method and
+compared with the same TRL runs (default: full fine-tuning with the AdamW moments offloaded to a file,
+`train.offload_optimizer_state=true`). Writes compare.json and compare.md to --out. Not a test; `--quick` is a smoke
+run used by the suite.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ allocator = next((l.split(": ", 1)[1] for l in done.stdout.splitlines() if l.sta
 resolved = yaml.safe_load(open(os.path.join(spec["out"], "config.yaml")))  # the run's 'auto' settings, as resolved
 print("RESOLVED " + json.dumps({"lora.base_dtype": resolved["lora"]["base_dtype"],
                                 "train.gradient_checkpointing": resolved["train"]["gradient_checkpointing"],
+                                "train.offload_optimizer_state": resolved["train"]["offload_optimizer_state"],
                                 "host allocator": allocator}))
 records = [json.loads(l) for l in open(os.path.join(spec["out"], "metrics.jsonl")) if '"loss"' in l]
 summary = json.load(open(os.path.join(spec["out"], "data_summary.json")))
@@ -219,6 +224,15 @@ def summarize(runs: list[dict[str, Any]], ceiling: dict[str, float], method: str
     return summary
 
 
+def ratios_to(sftune: dict[str, Any], trl: dict[str, Any]) -> dict[str, float]:
+    """sftune / TRL for speed, CPU time and memory; the final loss as a relative difference."""
+    keys = ("tokens_per_s", "supervised_tokens_per_s", "cpu_seconds", "peak_rss_gib")
+    keys += ("peak_gpu_gib",) if "peak_gpu_gib" in sftune else ()
+    ratios = {k: sftune[k] / trl[k] for k in keys}
+    ratios["final_loss"] = sftune["final_loss"] / trl["final_loss"] - 1
+    return ratios
+
+
 def markdown(results: dict[str, Any]) -> str:
     gpu = all("peak_gpu_gib" in tools["sftune"] for tools in results["methods"].values())
     lines = [
@@ -230,23 +244,28 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
     for method, tools in results["methods"].items():
-        for tool in ("sftune", "trl"):
-            r = tools[tool]
+        rows = [(method, tool, tools[tool]) for tool in ("sftune", "trl")]
+        rows += [(label, "sftune", variant) for label, variant in tools.get("variants", {}).items()]
+        for label, tool, r in rows:
             lines.append(
-                f"| {method} | {tool} | {r['tokens_per_s']:.1f} | {r['supervised_tokens_per_s']:.1f} | "
+                f"| {label} | {tool} | {r['tokens_per_s']:.1f} | {r['supervised_tokens_per_s']:.1f} | "
                 f"{r['cpu_seconds']:.0f} | {r['peak_rss_gib']:.2f} | {r['final_loss']:.4f} | {r['mfu_fp32']:.1%} |"
                 + (f" {r['peak_gpu_gib']:.2f} |" if gpu else "")
             )
-        ratio = tools["ratios"]
-        lines.append(
-            f"| {method} | sftune / TRL | {ratio['tokens_per_s']:.2f}x | {ratio['supervised_tokens_per_s']:.2f}x | "
-            f"{ratio['cpu_seconds']:.2f}x | {ratio['peak_rss_gib']:.2f}x | {ratio['final_loss']:+.1%} | |"
-            + (f" {ratio['peak_gpu_gib']:.2f}x |" if gpu else "")
-        )
+        ratios = [(method, tools["ratios"])] + [(k, v["ratios"]) for k, v in tools.get("variants", {}).items()]
+        for label, ratio in ratios:
+            lines.append(
+                f"| {label} | sftune / TRL | {ratio['tokens_per_s']:.2f}x | {ratio['supervised_tokens_per_s']:.2f}x | "
+                f"{ratio['cpu_seconds']:.2f}x | {ratio['peak_rss_gib']:.2f}x | {ratio['final_loss']:+.1%} | |"
+                + (f" {ratio['peak_gpu_gib']:.2f}x |" if gpu else "")
+            )
     loads = [
         r["load_average_before"] for m in results["methods"].values() for t in ("sftune", "trl") for r in m[t]["runs"]
     ]
     lines += ["", f"Load average before the runs: {min(loads):.2f} to {max(loads):.2f}."]
+    for method, tools in results["methods"].items():
+        for label, variant in tools.get("variants", {}).items():
+            lines.append(f"{label}: sftune {method} with {' '.join(variant['overrides'])}, against the same TRL runs.")
     for method, tools in results["methods"].items():
         resolved = tools["sftune"]["runs"][0].get("resolved")
         if resolved and method == "lora":  # base_dtype only applies to lora
@@ -259,9 +278,24 @@ def markdown(results: dict[str, Any]) -> str:
         elif resolved:
             lines.append(
                 f"sftune {method}: train.gradient_checkpointing={resolved['train.gradient_checkpointing']}, "
+                f"train.offload_optimizer_state={resolved.get('train.offload_optimizer_state', '?')}, "
                 f"host allocator {resolved.get('host allocator', '?')}."
             )
     return "\n".join(lines) + "\n"
+
+
+DEFAULT_VARIANT = "full-offload:full:train.offload_optimizer_state=true"
+
+
+def parse_variants(values: list[str]) -> dict[str, tuple[str, list[str]]]:
+    """{label: (method, overrides)} from LABEL:METHOD:OVERRIDE[,OVERRIDE] arguments ('none' for no variant)."""
+    variants = {}
+    for value in values:
+        if value == "none":
+            continue
+        label, method, overrides = value.split(":", 2)
+        variants[label] = (method, overrides.split(","))
+    return variants
 
 
 def main() -> None:
@@ -282,7 +316,15 @@ def main() -> None:
     parser.add_argument(
         "--sftune-override", action="append", default=[], help="dotted override for the sftune runs only, repeatable"
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        help="LABEL:METHOD:OVERRIDE[,OVERRIDE]: one more sftune run of METHOD per repeat, compared with the same TRL "
+        f"runs; repeatable ('none': no variant; default {DEFAULT_VARIANT})",
+    )
     args = parser.parse_args()
+    variants = parse_variants(args.variant if args.variant is not None else [DEFAULT_VARIANT])
     if args.quick:
         args.steps, args.repeats, args.max_length, args.micro_batch_size, args.accumulation = 2, 1, 128, 2, 1
     from sftune.model.load import resolve_model_path
@@ -311,26 +353,33 @@ def main() -> None:
         rows = args.steps * args.micro_batch_size * args.accumulation
         data = prepare_data(source, rows, Path(tmp) / "rows.jsonl")
         for method in args.methods.split(","):
-            runs: dict[str, list[dict[str, Any]]] = {"sftune": [], "trl": []}
+            own = {label: overrides for label, (m, overrides) in variants.items() if m == method}
+            # interleaved: sftune, TRL, then this method's variants, each repeat, so all see the same machine noise
+            order = [("sftune", "sftune", []), ("trl", "trl", [])] + [(k, "sftune", v) for k, v in own.items()]
+            runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in order}
             for repeat in range(args.repeats):
-                for tool in ("sftune", "trl"):  # interleaved: both tools see the same machine noise
+                for label, tool, overrides in order:
                     spec = {
                         "model": model, "data": str(data), "method": method, "steps": args.steps,
                         "micro_batch_size": args.micro_batch_size, "accumulation": args.accumulation,
                         "max_length": args.max_length, "lr": 2e-4 if method == "lora" else 2e-5,
-                        "out": str(Path(tmp) / f"{tool}-{method}-{repeat}"), "overrides": args.sftune_override,
-                        "liger": args.trl_liger,
+                        "out": str(Path(tmp) / f"{label}-{method}-{repeat}"),
+                        "overrides": args.sftune_override + overrides, "liger": args.trl_liger,
                     }  # fmt: skip
                     started = time.time()
-                    runs[tool].append(run_child(tool, spec))
-                    print(f"{method} {tool} run {repeat + 1}: {runs[tool][-1]['tokens_per_s']:.1f} tok/s, "
-                          f"{runs[tool][-1]['peak_rss_gib']:.2f} GiB, {time.time() - started:.0f}s", flush=True)  # fmt: skip
-            tools = {tool: summarize(r, results["ceiling"], method, model) for tool, r in runs.items()}
-            keys = ("tokens_per_s", "supervised_tokens_per_s", "cpu_seconds", "peak_rss_gib")
-            keys += ("peak_gpu_gib",) if "peak_gpu_gib" in tools["sftune"] else ()
-            ratios = {k: tools["sftune"][k] / tools["trl"][k] for k in keys}
-            ratios["final_loss"] = tools["sftune"]["final_loss"] / tools["trl"]["final_loss"] - 1
-            results["methods"][method] = {**tools, "ratios": ratios}
+                    runs[label].append(run_child(tool, spec))
+                    print(f"{method} {label} run {repeat + 1}: {runs[label][-1]['tokens_per_s']:.1f} tok/s, "
+                          f"{runs[label][-1]['peak_rss_gib']:.2f} GiB, {time.time() - started:.0f}s", flush=True)  # fmt: skip
+            tools = {label: summarize(r, results["ceiling"], method, model) for label, r in runs.items()}
+            trl = tools.pop("trl")
+            measured = {
+                label: {**summary, "ratios": ratios_to(summary, trl)}
+                | ({"overrides": own[label]} if label in own else {})
+                for label, summary in tools.items()
+            }
+            sftune = measured.pop("sftune")
+            results["methods"][method] = {"sftune": sftune, "trl": trl, "ratios": sftune.pop("ratios")}
+            results["methods"][method] |= {"variants": measured} if measured else {}
     (out / "compare.json").write_text(json.dumps(results, indent=2))
     (out / "compare.md").write_text(markdown(results))
     print(markdown(results))

@@ -165,3 +165,46 @@ def test_the_estimate_counts_the_chunk_the_loss_holds():
     from sftune.training import loss
 
     assert memory.CHUNK_LOGITS_BYTES == loss.CHUNK_LOGITS * 4  # fp32 values
+
+
+def test_offloaded_moments_leave_the_estimate_and_auto_switches_them_on_only_where_needed(capsys):
+    """Offloading AdamW's moments removes 8 bytes per trainable weight from the peak, less the one slice the update
+    holds; 'auto' turns it on where the (checkpointed) estimate is above the budget or the memory available."""
+    from sftune.model.memory import fit_memory_budget
+
+    model_config = LlamaConfig(**SMOLLM2)
+
+    def config(**train):
+        return load_config({"data": {"train": "x.json"}, "train": {"gradient_checkpointing": True, **train}})
+
+    kept = estimate_memory(model_config, config(offload_optimizer_state=False), 2048)
+    offloaded = estimate_memory(model_config, config(offload_optimizer_state=True), 2048)
+    params = count_model_parameters(model_config)["total"]
+    largest_slice = SMOLLM2["vocab_size"] * SMOLLM2["hidden_size"] * 8  # the embedding's moments
+    assert offloaded["optimizer_state_offloaded"] and not kept["optimizer_state_offloaded"]
+    assert kept["full_gib"] - offloaded["full_gib"] == pytest.approx((params * 8 - largest_slice) / 2**30, abs=2e-3)
+    memory = {
+        **kept,
+        "with_checkpointing_gib": {"full": kept["full_gib"]},
+        "with_offload_gib": {"full": offloaded["full_gib"]},
+    }
+
+    def resolved(available_gib, **train):
+        return fit_memory_budget(config(**train), memory, int(available_gib * 2**30)).train.offload_optimizer_state
+
+    assert resolved(100) is False  # roomy: no budget, plenty available
+    assert resolved(kept["full_gib"] - 0.1) is True and "the memory available" in capsys.readouterr().out
+    assert resolved(100, memory_budget_gib=kept["full_gib"] - 0.1) is True
+    assert "train.memory_budget_gib" in capsys.readouterr().out
+    assert resolved(100, memory_budget_gib=kept["full_gib"] + 0.1) is False
+    assert resolved(1, offload_optimizer_state=False) is False  # an explicit setting is kept
+    assert fit_memory_budget(config(), None, 2**30).train.offload_optimizer_state is False  # no estimate: off
+    sharded = {**memory, "strategy": "fsdp2"}
+    assert fit_memory_budget(config(), sharded, 2**30).train.offload_optimizer_state is False
+
+
+def test_moment_slice_constant_matches_the_optimizer():
+    from sftune.model.memory import MOMENT_SLICE_BYTES
+    from sftune.training.offload import MOMENT_SLICE_BYTES as OPTIMIZER_SLICE
+
+    assert MOMENT_SLICE_BYTES == OPTIMIZER_SLICE

@@ -397,6 +397,11 @@ def render_report_text(report: DataReport) -> str:
             f"micro-batch): full {m['full_gib']} GiB, LoRA r={m['lora_rank']} {m['lora_gib']} GiB, "
             f"QLoRA {m['qlora_gib']} GiB"
             + (f" per process ({m['strategy']} on {m['world_size']})" if m.get("world_size", 1) > 1 else "")
+            + (
+                f"; with checkpointing and the optimizer's moments offloaded: full {m['with_offload_gib']['full']} GiB"
+                if "with_offload_gib" in m
+                else ""
+            )
         )
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ the optimizer keeps per trainable weight, and what backward keeps per token.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sftune.config import Config
@@ -17,6 +18,7 @@ from sftune.model.lean_activations import is_used as is_lean
 RUNTIME_BYTES = int(0.35 * 1024**3)
 GIB = 1024**3
 CHUNK_LOGITS_BYTES = 8 * 1024 * 1024 * 4  # training/loss.py CHUNK_LOGITS fp32 values (a test keeps them equal)
+MOMENT_SLICE_BYTES = 64 * 1024 * 1024  # training/offload.py's slice of AdamW moments (a test keeps them equal)
 
 
 def block_linears(model_config: Any) -> dict[str, tuple[int, int]]:
@@ -136,7 +138,11 @@ def estimate_memory(
     base_bytes = 4 if config.model.dtype in ("fp32", "auto") else 2
     frozen_linear_bytes = 2 if config.lora.base_dtype == "bf16" else base_bytes  # lora: model/frozen_base.py
     loading = params["total"] * (checkpoint_bytes_per_parameter(model_config) + base_bytes)
-    adapter_state = adapter * 16  # fp32 weights + grads + 2 AdamW states
+    offloaded = config.train.offload_optimizer_state is True  # AdamW moments in a file (training/offload.py)
+    moment_bytes = 0 if offloaded else 8  # per trainable weight, resident through forward and backward
+    # the update of an offloaded optimizer holds one slice of moments: MOMENT_SLICE_BYTES, or the largest tensor's
+    update_slice = max(MOMENT_SLICE_BYTES, model_config.vocab_size * model_config.hidden_size * 8) if offloaded else 0
+    adapter_state = adapter * (8 + moment_bytes)  # fp32 weights + grads (+ 2 AdamW states)
     nf4 = params["linear"] * (0.5 + 1 / 64 + 4 / (64 * 256))  # 4-bit + double-quantized blockwise scales
     strategy = strategy_for(config, world_size)
     shards = world_size if strategy == "fsdp2" else 1
@@ -146,8 +152,10 @@ def estimate_memory(
     buckets = {"full": params["total"] * 4, "lora": adapter * 4, "qlora": adapter * 4}
     buckets = buckets if strategy == "ddp" else dict.fromkeys(buckets, 0)
     training = {
-        # fp32 weights + 2 AdamW states, then activations (forward) or gradients (end of backward), whichever is larger
-        "full": params["total"] * 12 / shards + max(activations, params["total"] * 4 / shards),
+        # fp32 weights (+ 2 AdamW states), then activations (forward) or gradients (end of backward, and the update
+        # with its slice of offloaded moments), whichever is larger
+        "full": params["total"] * (4 + moment_bytes) / shards
+        + max(activations, params["total"] * 4 / shards + update_slice),
         "lora": (
             (params["total"] - params["linear"]) * base_bytes + params["linear"] * frozen_linear_bytes + adapter_state
         )
@@ -170,9 +178,10 @@ def estimate_memory(
         "loading_gib": round(loading / GIB, 3),
         "activations_gib": round(activations / GIB, 3),
         **{f"{method}_gib": round((RUNTIME_BYTES + max(loading, t)) / GIB, 3) for method, t in training.items()},
+        "optimizer_state_offloaded": offloaded,
         "assumptions": "peak per process = runtime + max(loading, training); full: fp32 weights + 2 AdamW states + "
-        "activations; LoRA: frozen base linears at lora.base_dtype, other weights at model.dtype (auto=fp32) + "
-        "adapter state of the targeted modules + "
+        "activations (offloaded states: one slice of them in the update); LoRA: frozen base linears at "
+        "lora.base_dtype, other weights at model.dtype (auto=fp32) + adapter state of the targeted modules + "
         "activations + dropout copies; QLoRA: NF4 block linears, other weights at model.dtype, loaded in full "
         "precision first; ddp: + gradient buckets; fsdp2: weights and states / world size + 2 gathered layers",
     }
@@ -201,19 +210,96 @@ def load_model_config(path: str) -> Any | None:
         return None
 
 
-def fit_memory_budget(config: Config, memory: dict[str, Any] | None) -> Config:
-    """The config to train with: activation checkpointing switched on where the estimate for this run is above
-    train.memory_budget_gib (said in the run log, as is a budget that even checkpointing does not meet)."""
-    budget, method = config.train.memory_budget_gib, config.train.method
-    if budget is None or memory is None or config.train.gradient_checkpointing is True:
-        return config
-    estimate, checkpointed = memory[f"{method}_gib"], memory["with_checkpointing_gib"][method]
-    if estimate <= budget:
-        print(f"memory: estimate {estimate:.2f} GiB is within train.memory_budget_gib={budget}")
-        return config
-    print(
-        f"memory: estimate {estimate:.2f} GiB > train.memory_budget_gib={budget}: activation checkpointing on "
-        f"(estimate {checkpointed:.2f} GiB)"
-        + ("" if checkpointed <= budget else "; still above the budget: lower micro_batch_size or data.max_length")
+def fit_memory_budget(config: Config, memory: dict[str, Any] | None, available_bytes: int | None = None) -> Config:
+    """The config to train with, what it needs said in the run log:
+
+    - activation checkpointing on where the estimate for this run is above train.memory_budget_gib;
+    - train.offload_optimizer_state 'auto' made concrete: on where the estimate (with checkpointing, where it is
+      on or switched on) is still above the budget, or above the memory available to the run (`available_bytes`,
+      default: the machine's or its cgroup's); off otherwise, and off without an estimate or under fsdp2 (whose
+      shards already divide the optimizer state)."""
+    train, method = config.train, config.train.method
+    budget = train.memory_budget_gib
+    if budget is not None and memory is not None and train.gradient_checkpointing is not True:
+        estimate, checkpointed = memory[f"{method}_gib"], memory["with_checkpointing_gib"][method]
+        if estimate <= budget:
+            print(f"memory: estimate {estimate:.2f} GiB is within train.memory_budget_gib={budget}")
+        else:
+            print(
+                f"memory: estimate {estimate:.2f} GiB > train.memory_budget_gib={budget}: activation checkpointing "
+                f"on (estimate {checkpointed:.2f} GiB)"
+            )
+            train = train.model_copy(update={"gradient_checkpointing": True})
+    if train.offload_optimizer_state == "auto":
+        train = train.model_copy(update={"offload_optimizer_state": needs_offload(train, memory, available_bytes)})
+    return config.model_copy(update={"train": train})
+
+
+def needs_offload(train: Any, memory: dict[str, Any] | None, available_bytes: int | None) -> bool:
+    """Whether the run's estimate (checkpointed where train says so) is above its budget or the memory available
+    (said in the run log, with the estimate offloaded)."""
+    if memory is None or memory["strategy"] == "fsdp2":
+        return False
+    method = train.method
+    estimate = memory["with_checkpointing_gib"][method] if train.gradient_checkpointing else memory[f"{method}_gib"]
+    offloaded = memory.get("with_offload_gib", {}).get(method)
+    available = (available_memory_bytes() if available_bytes is None else available_bytes) / GIB
+    limit, name = min(
+        ((train.memory_budget_gib, "train.memory_budget_gib"), (available, "the memory available")),
+        key=lambda pair: float("inf") if pair[0] is None else pair[0],
     )
-    return config.model_copy(update={"train": config.train.model_copy(update={"gradient_checkpointing": True})})
+    if limit is None or estimate <= limit:
+        return False
+    print(
+        f"memory: estimate {estimate:.2f} GiB > {name} ({limit:.2f} GiB): optimizer moments offloaded to a file in "
+        "the run folder (train.offload_optimizer_state"
+        + ("" if offloaded is None else f"; estimate {offloaded:.2f} GiB")
+        + (
+            ")"
+            if offloaded is None or offloaded <= limit
+            else "; still above: lower micro_batch_size or data.max_length)"
+        )
+    )
+    return True
+
+
+def available_memory_bytes() -> int:
+    """Memory this process may still use: the kernel's MemAvailable, or less under its cgroup's memory limit."""
+    available = _meminfo_available()
+    headroom = _cgroup_headroom()
+    return max(0, available if headroom is None else min(available, headroom))
+
+
+def _cgroup_headroom() -> int | None:
+    """Limit minus usage of this process's memory cgroup (v2: memory.max; v1: memory.limit_in_bytes), if limited."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2
+            folder, limit_file, usage_file = Path("/sys/fs/cgroup") / path.lstrip("/"), "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):  # cgroup v1
+            folder = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            limit_file, usage_file = "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        try:
+            limit = (folder / limit_file).read_text().strip()
+            usage = int((folder / usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit != "max" and int(limit) < 2**60:
+            return int(limit) - usage
+    return None
+
+
+def _meminfo_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**62  # unknown (not Linux): no limit to compare against

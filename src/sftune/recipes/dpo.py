@@ -100,7 +100,7 @@ def train_dpo(config: Config, resume: str | None = None, resume_changed: bool = 
     reference_copy = frozen_copy(model) if mode == "copy" else None
     objective = PreferenceLoss(loss_sum, config.dpo, mode == "adapter_off", reference_copy)
     trainer = wrap_model(LossModule(objective, model), info, device)  # the adapter-off reference runs inside too
-    optimizer = build_optimizer(list(model.named_parameters()), config.train)
+    optimizer = build_optimizer(list(model.named_parameters()), config.train, run_dir)
     total_steps = count_total_steps(config, len(train_pairs), info.world_size)
     scheduler = build_scheduler(optimizer, config.train, total_steps)
     checkpointed = trainer if info.enabled else model

@@ -60,7 +60,7 @@ def train(config: Config, resume: str | None = None, resume_changed: bool = Fals
     loss_sum = TokenLoss.for_model(model)
     print(f"loss: {loss_sum.path}")
     trainer = wrap_model(LossModule(loss_sum, model), info, device)  # DDP / FSDP2 around model + loss
-    optimizer = build_optimizer(list(model.named_parameters()), config.train)
+    optimizer = build_optimizer(list(model.named_parameters()), config.train, run_dir)
     total_steps = count_total_steps(config, len(data.train), info.world_size)
     scheduler = build_scheduler(optimizer, config.train, total_steps)
     checkpointed = trainer if info.enabled else model

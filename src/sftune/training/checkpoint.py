@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from sftune.config import UserError
 from sftune.model.save import normal_permissions
 from sftune.training.distributed import SINGLE, Distributed, unwrap
+from sftune.training.offload import release_offloaded_moments
 
 CHECKPOINT_PREFIX = "step-"
 MANIFEST = "checkpoint_manifest.json"
@@ -161,6 +162,7 @@ def save_checkpoint(
             (tmp / DISTRIBUTED_LAYOUT).write_text(json.dumps(layout, indent=2))
         if config is not None:
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    release_offloaded_moments(optimizer)  # read whole for the file: out of memory again
     info.barrier()  # every rank's files are in place before the manifest sums them
     if info.is_main:
         normal_permissions(tmp)

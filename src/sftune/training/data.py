@@ -107,6 +107,10 @@ def estimate_run_memory(config: Config, lengths: list[int], world_size: int | No
     checkpointed = config.model_copy(update={"train": config.train.model_copy(update={"gradient_checkpointing": True})})
     with_checkpointing = estimate_memory(model_config, checkpointed, *batch, world_size=world_size)
     memory["with_checkpointing_gib"] = {m: with_checkpointing[f"{m}_gib"] for m in ("full", "lora", "qlora")}
+    offloaded = checkpointed.train.model_copy(update={"offload_optimizer_state": True})
+    with_offload = estimate_memory(model_config, checkpointed.model_copy(update={"train": offloaded}), *batch,
+                                   world_size=world_size)  # fmt: skip
+    memory["with_offload_gib"] = {m: with_offload[f"{m}_gib"] for m in ("full", "lora", "qlora")}
     return memory
 
 

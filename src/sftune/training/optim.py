@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from sftune.config import TrainConfig
+from sftune.config import TrainConfig, UserError
+from sftune.training.offload import OffloadedAdamW
 
 
-def build_optimizer(parameters: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
-    """Weight decay on weight matrices only: decaying norms and biases hurts and is not what the recipe means."""
+def build_optimizer(
+    parameters: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig, run_dir: Path | None = None
+) -> torch.optim.AdamW:
+    """Weight decay on weight matrices only: decaying norms and biases hurts and is not what the recipe means.
+    With train.offload_optimizer_state (resolved true) the moments live in a file in `run_dir` (training/offload.py)."""
     trainable = [(name, p) for name, p in parameters if p.requires_grad]
     decay = [p for _, p in trainable if p.ndim >= 2]
     no_decay = [p for _, p in trainable if p.ndim < 2]
@@ -19,7 +25,17 @@ def build_optimizer(parameters: list[tuple[str, torch.nn.Parameter]], cfg: Train
         {"params": no_decay, "weight_decay": 0.0},
     ]
     fused = fused_kernel_applies([p for _, p in trainable])
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.adam_betas, fused=fused or None)
+    options: dict[str, Any] = {"lr": cfg.learning_rate, "betas": cfg.adam_betas, "fused": fused or None}
+    if cfg.offload_optimizer_state is True:
+        if run_dir is None or not all(type(p) in (torch.Tensor, torch.nn.Parameter) for _, p in trainable):
+            raise UserError(
+                "train.offload_optimizer_state=true needs plain (unsharded) parameters and a run folder; under fsdp2 "
+                "the shards already divide the optimizer state: set train.offload_optimizer_state=false"
+            )
+        optimizer = OffloadedAdamW(groups, run_dir, **options)
+        print(f"optimizer: AdamW moments offloaded to a file in {run_dir} ({optimizer.moments.size / 2**30:.2f} GiB)")
+        return optimizer
+    return torch.optim.AdamW(groups, **options)
 
 
 def fused_kernel_applies(params: list[torch.Tensor]) -> bool:

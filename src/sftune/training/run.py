@@ -75,7 +75,8 @@ def check_free_space(run_dir: Path, model: Any, config: Config) -> None:
     total = sum(p.numel() for p in parameters)
     checkpoint = trainable * 4 * 3 if config.train.checkpoint_every else 0  # fp32 weights + 2 AdamW states
     final = (total if config.train.method == "full" else trainable) * 4
-    needed = int((checkpoint * 2 + final) * 1.1)  # a checkpoint is written beside the previous one, then renamed
+    moments = trainable * 8 if config.train.offload_optimizer_state is True else 0  # training/offload.py's file
+    needed = int((checkpoint * 2 + final + moments) * 1.1)  # a checkpoint is written beside the previous one
     free = shutil.disk_usage(run_dir).free
     if free < needed:
         raise RunError(
@@ -180,7 +181,7 @@ def steps_per_epoch(config: Config, num_examples: int, world_size: int = 1) -> i
 RESUME_FREE_KEYS = {
     "train": {"max_steps", "epochs", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every",
               "num_threads", "device", "memory_budget_gib",
-              "release_freed_memory", "lean_activations", "host_allocator"},
+              "release_freed_memory", "lean_activations", "host_allocator", "offload_optimizer_state"},
     "output": {"dir", "overwrite", "save_dtype"},
     "eval": None,  # the whole section
     "generate": None,
