@@ -321,10 +321,13 @@ def main() -> None:
         action="append",
         default=None,
         help="LABEL:METHOD:OVERRIDE[,OVERRIDE]: one more sftune run of METHOD per repeat, compared with the same TRL "
-        f"runs; repeatable ('none': no variant; default {DEFAULT_VARIANT})",
+        f"runs; repeatable ('none': no variant; default on a CPU: {DEFAULT_VARIANT})",
     )
     args = parser.parse_args()
-    variants = parse_variants(args.variant if args.variant is not None else [DEFAULT_VARIANT])
+    import torch
+
+    default_variants = [] if torch.cuda.is_available() else [DEFAULT_VARIANT]  # the offload is for host memory
+    variants = parse_variants(args.variant if args.variant is not None else default_variants)
     if args.quick:
         args.steps, args.repeats, args.max_length, args.micro_batch_size, args.accumulation = 2, 1, 128, 2, 1
     from sftune.model.load import resolve_model_path

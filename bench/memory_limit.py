@@ -7,9 +7,9 @@ A process's peak RSS leaves out the page cache, where the offloaded moments' fil
 cgroup's limit counts both (the kernel charges the file's cached pages to the cgroup and must write them back and
 drop them to stay under it), so a run that completes under the limit fits in that much memory, page cache included.
 Each run is `sftune train` (the bench's model, data and settings of bench/compare.py) in a fresh child cgroup with
-that limit; the table gives whether it completed or was killed for memory, its tokens/s, and the cgroup's peak
-usage (RSS + page cache). Needs a writable memory cgroup (v1 or v2: root in a container, or a delegated cgroup).
-Not a test.
+that limit; the table gives whether it completed or was killed for memory, its tokens/s, and the cgroup's peak usage
+(RSS + page cache). Needs a writable memory cgroup (v1 or v2: root in a container, or a delegated cgroup; on v2 the
+parent must hand the memory controller to its children, cgroup.subtree_control). Not a test.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ class MemoryCgroup:
         self.folder.mkdir()
         limit_file = "memory.limit_in_bytes" if self.v1 else "memory.max"
         (self.folder / limit_file).write_text(str(limit_bytes))
-        if not self.v1:
-            (self.folder / "memory.swap.max").write_text("0")
+        swap = self.folder / ("memory.memsw.limit_in_bytes" if self.v1 else "memory.swap.max")
+        if swap.exists():  # no swapping around the limit (v1: memory + swap together)
+            swap.write_text(str(limit_bytes) if self.v1 else "0")
 
     def add(self, pid: int) -> None:
         (self.folder / "cgroup.procs").write_text(str(pid))

@@ -181,8 +181,9 @@ class TrainConfig(_Section):
         "auto",
         description="Keep AdamW's two moments in a file in the run folder, in memory only while a slice of them is "
         "updated: 8 bytes less per trainable weight at the peak (1.0 GiB for a 135M model, full fine-tuning), the "
-        "same updates bit for bit, for reading and writing that file once per step. auto: on where the memory "
-        "estimate with checkpointing is still above train.memory_budget_gib or the memory available to the run.",
+        "same updates bit for bit, for reading and writing that file once per step. auto: on for full fine-tuning on "
+        "a CPU where the memory estimate (x1.25) is above train.memory_budget_gib or the memory available to the run "
+        "(cgroup limits included), with the run folder not on tmpfs; true: CPU parameters only.",
     )
     seed: int = Field(42, ge=0, description="Seed for data order, initialisation and dropout.")
     eval_every: int | None = Field(None, gt=0, description="Validation loss every N steps (null: at the end).")

@@ -167,7 +167,7 @@ def test_the_estimate_counts_the_chunk_the_loss_holds():
     assert memory.CHUNK_LOGITS_BYTES == loss.CHUNK_LOGITS * 4  # fp32 values
 
 
-def test_offloaded_moments_leave_the_estimate_and_auto_switches_them_on_only_where_needed(capsys):
+def test_offloaded_moments_leave_the_estimate_and_auto_switches_them_on_only_where_needed(capsys, monkeypatch):
     """Offloading AdamW's moments removes 8 bytes per trainable weight from the peak, less the one slice the update
     holds; 'auto' turns it on where the (checkpointed) estimate is above the budget or the memory available."""
     from sftune.model.memory import ESTIMATE_MARGIN, fit_memory_budget
@@ -187,6 +187,7 @@ def test_offloaded_moments_leave_the_estimate_and_auto_switches_them_on_only_whe
         **kept,
         "with_checkpointing_gib": {"full": kept["full_gib"]},
         "with_offload_gib": {"full": offloaded["full_gib"]},
+        "device": "cpu",  # as training/data.estimate_run_memory records it
     }
 
     def resolved(available_gib, **train):
@@ -200,8 +201,11 @@ def test_offloaded_moments_leave_the_estimate_and_auto_switches_them_on_only_whe
     assert resolved(kept["full_gib"] * ESTIMATE_MARGIN - 0.1) is True  # within the estimate's margin: offloaded
     assert resolved(1, offload_optimizer_state=False) is False  # an explicit setting is kept
     assert fit_memory_budget(config(), None, 2**30).train.offload_optimizer_state is False  # no estimate: off
-    sharded = {**memory, "strategy": "fsdp2"}
-    assert fit_memory_budget(config(), sharded, 2**30).train.offload_optimizer_state is False
+    for where in ({"strategy": "fsdp2"}, {"device": "cuda"}):  # shards divide the state; GPU memory is not host memory
+        assert fit_memory_budget(config(), {**memory, **where}, 2**30).train.offload_optimizer_state is False
+    assert resolved(1, method="lora") is False  # adapters' optimizer state: nothing worth a file
+    monkeypatch.setattr("sftune.model.memory.is_ram_backed", lambda folder: True)
+    assert resolved(1) is False  # a run folder on tmpfs: the file would stay in RAM
 
 
 def test_moment_slice_constant_matches_the_optimizer():

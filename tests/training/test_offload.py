@@ -21,9 +21,11 @@ from tests.recipes.test_sft import tiny_config
 SHAPES = {"embed": (300, 24), "w1": (24, 48), "w2": (48, 24), "norm": (24,), "bias": (48,), "head": (7, 24)}
 
 
-def named_params(seed: int = 0) -> list[tuple[str, torch.nn.Parameter]]:
+def named_params(seed: int = 0, dtype: torch.dtype = torch.float32) -> list[tuple[str, torch.nn.Parameter]]:
     generator = torch.Generator().manual_seed(seed)
-    return [(name, torch.nn.Parameter(torch.randn(shape, generator=generator))) for name, shape in SHAPES.items()]
+    return [
+        (name, torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype))) for name, shape in SHAPES.items()
+    ]
 
 
 def train_steps(params, optimizer, scheduler, steps: int, seed: int = 1) -> None:
@@ -31,7 +33,8 @@ def train_steps(params, optimizer, scheduler, steps: int, seed: int = 1) -> None
     generator = torch.Generator().manual_seed(seed)
     for step in range(steps):
         for name, p in params:
-            p.grad = None if (name == "bias" and step == 0) else torch.randn(p.shape, generator=generator)
+            gradient = torch.randn(p.shape, generator=generator).to(p.dtype)
+            p.grad = None if (name == "bias" and step == 0) else gradient
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -52,10 +55,11 @@ def small_slices(monkeypatch):
     monkeypatch.setattr(offload, "MOMENT_SLICE_BYTES", 4096)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_updates_equal_torch_adamw_bit_for_bit(tmp_path, small_slices, fused):
+@pytest.mark.parametrize(("fused", "dtype"), [(True, torch.float32), (False, torch.float32), (True, torch.bfloat16)])
+def test_updates_equal_torch_adamw_bit_for_bit(tmp_path, small_slices, fused, dtype):
+    """fp32 (fused and multi-tensor kernels) and bf16 weights (train.precision=bf16-true: bf16 moments too)."""
     cfg = TrainConfig(learning_rate=1e-2, weight_decay=0.1, warmup_steps=2, lr_scheduler="cosine")
-    plain_params, offloaded_params = named_params(), named_params()
+    plain_params, offloaded_params = named_params(dtype=dtype), named_params(dtype=dtype)
     plain = build_optimizer(plain_params, cfg)
     offloaded = build_optimizer(offloaded_params, cfg.model_copy(update={"offload_optimizer_state": True}), tmp_path)
     assert isinstance(offloaded, OffloadedAdamW) and type(plain) is torch.optim.AdamW
@@ -67,6 +71,7 @@ def test_updates_equal_torch_adamw_bit_for_bit(tmp_path, small_slices, fused):
     train_steps(plain_params, plain, build_scheduler(plain, cfg, 6), 6)
     train_steps(offloaded_params, offloaded, build_scheduler(offloaded, cfg, 6), 6)
     assert_same(plain_params, offloaded_params, plain, offloaded)
+    assert offloaded.state[offloaded_params[0][1]]["exp_avg"].dtype == dtype
     assert not list(tmp_path.iterdir())  # the moments' file is unlinked from the start: nothing left behind
 
 
@@ -122,9 +127,11 @@ def test_state_dict_is_interchangeable_with_torch_adamw(tmp_path, small_slices):
     assert_same(resumed_params_a, resumed_params_b, into_offloaded, into_plain)
 
 
-def test_refuses_amsgrad_and_sharded_parameters(tmp_path):
+def test_refuses_amsgrad_gpu_and_sharded_parameters(tmp_path):
     with pytest.raises(ValueError, match="amsgrad"):
         OffloadedAdamW([torch.nn.Parameter(torch.zeros(3))], tmp_path, amsgrad=True)
+    with pytest.raises(ValueError, match="host memory"):  # a parameter off the host (meta stands for a GPU here)
+        OffloadedAdamW([torch.nn.Parameter(torch.zeros(3, device="meta"))], tmp_path)
 
     class Sharded(torch.Tensor):  # stands for FSDP2's DTensor
         pass

@@ -7,12 +7,15 @@ the optimizer keeps per trainable weight, and what backward keeps per token.
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from sftune.config import Config
 from sftune.model.fused_lora import SHARED_INPUT_GROUPS
 from sftune.model.lean_activations import is_used as is_lean
+from sftune.training.host_memory import available_memory_bytes, is_ram_backed
 
 # Python + torch + transformers + peft after import, before any model (CPU, measured by bench/methods.py).
 RUNTIME_BYTES = int(0.35 * 1024**3)
@@ -217,10 +220,8 @@ def fit_memory_budget(config: Config, memory: dict[str, Any] | None, available_b
     """The config to train with, what it needs said in the run log:
 
     - activation checkpointing on where the estimate for this run is above train.memory_budget_gib;
-    - train.offload_optimizer_state 'auto' made concrete: on where the estimate (with checkpointing, where it is
-      on or switched on) is still above the budget, or above the memory available to the run (`available_bytes`,
-      default: the machine's or its cgroup's); off otherwise, and off without an estimate or under fsdp2 (whose
-      shards already divide the optimizer state)."""
+    - train.offload_optimizer_state 'auto' made concrete (needs_offload): on for full fine-tuning on a CPU where the
+      estimate is still above the budget or above the memory available to the run; off otherwise."""
     train, method = config.train, config.train.method
     budget = train.memory_budget_gib
     if budget is not None and memory is not None and train.gradient_checkpointing is not True:
@@ -236,76 +237,40 @@ def fit_memory_budget(config: Config, memory: dict[str, Any] | None, available_b
             )
             train = train.model_copy(update={"gradient_checkpointing": True})
     if train.offload_optimizer_state == "auto":
-        train = train.model_copy(update={"offload_optimizer_state": needs_offload(train, memory, available_bytes)})
+        offload = needs_offload(train, memory, available_bytes, Path(config.output.dir))
+        train = train.model_copy(update={"offload_optimizer_state": offload})
     return config.model_copy(update={"train": train})
 
 
-def needs_offload(train: Any, memory: dict[str, Any] | None, available_bytes: int | None) -> bool:
-    """Whether the run's estimate (checkpointed where train says so), with ESTIMATE_MARGIN, is above its budget or
-    the memory available (said in the run log, with the estimate offloaded)."""
-    if memory is None or memory["strategy"] == "fsdp2":
+def needs_offload(
+    train: Any, memory: dict[str, Any] | None, available_bytes: int | None, run_dir: Path | None = None
+) -> bool:
+    """Whether full fine-tuning on a CPU should offload its optimizer's moments: its estimate (checkpointed where
+    train says so), with ESTIMATE_MARGIN, is above train.memory_budget_gib or the memory available to this process
+    (`available_bytes`; default: MemAvailable or its cgroup's headroom, shared by the local ranks of a distributed
+    run). Not for LoRA/QLoRA (their optimizer state is small), GPUs, fsdp2 (whose shards divide the state already),
+    or a run folder in RAM (tmpfs: the file would stay in memory). Said in the run log when it decides to."""
+    if memory is None or train.method != "full" or memory["strategy"] == "fsdp2" or memory.get("device") != "cpu":
         return False
-    method = train.method
-    estimate = memory["with_checkpointing_gib"][method] if train.gradient_checkpointing else memory[f"{method}_gib"]
-    offloaded = memory.get("with_offload_gib", {}).get(method)
-    available = (available_memory_bytes() if available_bytes is None else available_bytes) / GIB
-    limit, name = min(
-        ((train.memory_budget_gib, "train.memory_budget_gib"), (available, "the memory available")),
-        key=lambda pair: float("inf") if pair[0] is None else pair[0],
-    )
+    if sys.platform != "linux" or (run_dir is not None and is_ram_backed(run_dir)):
+        return False
+    estimate = memory["with_checkpointing_gib"]["full"] if train.gradient_checkpointing else memory["full_gib"]
+    available = available_memory_bytes() if available_bytes is None else available_bytes
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    limits = [(train.memory_budget_gib, "train.memory_budget_gib")]
+    limits += [] if available is None else [(available / GIB / local_ranks, "the memory available")]
+    limit, name = min(((v, n) for v, n in limits if v is not None), default=(None, ""))
     if limit is None or estimate * ESTIMATE_MARGIN <= limit:
         return False
+    offloaded = memory.get("with_offload_gib", {}).get("full")
     print(
-        f"memory: estimate {estimate:.2f} GiB (x{ESTIMATE_MARGIN} margin) > {name} ({limit:.2f} GiB): optimizer "
-        "moments offloaded to a file in "
-        "the run folder (train.offload_optimizer_state"
-        + ("" if offloaded is None else f"; estimate {offloaded:.2f} GiB")
+        f"memory: estimate {estimate:.2f} GiB x {ESTIMATE_MARGIN} (what it leaves out) > {name} ({limit:.2f} GiB): "
+        "AdamW's moments offloaded to a file in the run folder (train.offload_optimizer_state"
+        + ("" if offloaded is None else f"; estimate {offloaded:.2f} GiB with checkpointing")
         + (
             ")"
-            if offloaded is None or offloaded <= limit
+            if offloaded is None or offloaded * ESTIMATE_MARGIN <= limit
             else "; still above: lower micro_batch_size or data.max_length)"
         )
     )
     return True
-
-
-def available_memory_bytes() -> int:
-    """Memory this process may still use: the kernel's MemAvailable, or less under its cgroup's memory limit."""
-    available = _meminfo_available()
-    headroom = _cgroup_headroom()
-    return max(0, available if headroom is None else min(available, headroom))
-
-
-def _cgroup_headroom() -> int | None:
-    """Limit minus usage of this process's memory cgroup (v2: memory.max; v1: memory.limit_in_bytes), if limited."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":  # cgroup v2
-            folder, limit_file, usage_file = Path("/sys/fs/cgroup") / path.lstrip("/"), "memory.max", "memory.current"
-        elif "memory" in controllers.split(","):  # cgroup v1
-            folder = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
-            limit_file, usage_file = "memory.limit_in_bytes", "memory.usage_in_bytes"
-        else:
-            continue
-        try:
-            limit = (folder / limit_file).read_text().strip()
-            usage = int((folder / usage_file).read_text())
-        except (OSError, ValueError):
-            continue
-        if limit != "max" and int(limit) < 2**60:
-            return int(limit) - usage
-    return None
-
-
-def _meminfo_available() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 2**62  # unknown (not Linux): no limit to compare against

@@ -29,6 +29,7 @@ from sftune.data.templates import ChatTemplate
 from sftune.eval.report import plot_preference_curves
 from sftune.infer.generate import resolve_model_dir
 from sftune.model.load import default_cache_dir
+from sftune.model.memory import fit_memory_budget
 from sftune.model.setup import setup_model, setup_tokenizer
 from sftune.model.start import StartingPoint, adapter_tokenizer, find_starting_point
 from sftune.training.checkpoint import save_checkpoint
@@ -89,6 +90,7 @@ def train_dpo(config: Config, resume: str | None = None, resume_changed: bool = 
     seed_everything(config.train.seed)
     tokenizer, template = setup_tokenizer(start_config, adapter_tokenizer(start.adapter_dir))
     train_pairs, val_pairs, counts = setup_pairs(config, tokenizer, template, run_dir, write_files=info.is_main)
+    config = fit_memory_budget(config, None)  # no estimate for pairs: train.offload_optimizer_state auto -> off
     model = setup_model(start_config, tokenizer, device, precision, start.adapter_dir, info.strategy)
     loss_sum = TokenLoss.for_model(model)
     autocast = autocast_context(device, precision)

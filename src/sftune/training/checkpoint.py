@@ -289,6 +289,7 @@ def load_checkpoint(
         missing, extra = sorted(expected - set(weights))[:5], sorted(set(weights) - expected)[:5]
         raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {extra}")
     model.load_state_dict(weights, strict=False)
+    del weights  # copied into the model: not held beside the optimizer state
     states = read_optimizer_file(path)
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
@@ -298,7 +299,8 @@ def load_checkpoint(
 
 def read_optimizer_file(path: Path) -> dict[str, Any]:
     try:  # plain data only: a pickled object that would run code is refused, never executed
-        return torch.load(path / "optimizer.pt", weights_only=True)  # type: ignore[no-any-return]
+        # mmap: the optimizer state stays file pages (reclaimable) until it is copied where it lives
+        return torch.load(path / "optimizer.pt", weights_only=True, mmap=True)  # type: ignore[no-any-return]
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path / 'optimizer.pt'} holds more than plain tensors and numbers: refused ({error})"

@@ -111,6 +111,7 @@ def estimate_run_memory(config: Config, lengths: list[int], world_size: int | No
     with_offload = estimate_memory(model_config, checkpointed.model_copy(update={"train": offloaded}), *batch,
                                    world_size=world_size)  # fmt: skip
     memory["with_offload_gib"] = {m: with_offload[f"{m}_gib"] for m in ("full", "lora", "qlora")}
+    memory["device"] = device.type
     return memory
 
 

@@ -31,16 +31,16 @@ _MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault a range in, writable, in one c
 
 
 class MomentFile:
-    """Two fp32 moments per parameter in one shared file mapping, each parameter's pair on its own pages, so a run
-    of consecutive parameters is one byte range to fault in or drop. The file is unlinked at once: it leaves no
-    trace on disk if the process dies; its blocks are reserved up front, so a full disk is an error here and not
-    a SIGBUS in the middle of an update."""
+    """Two moments per parameter (in its dtype) in one shared file mapping, each parameter's pair on its own pages,
+    so a run of consecutive parameters is one byte range to fault in or drop. The file is unlinked at once: it leaves
+    no trace on a local disk if the process dies; its blocks are reserved up front where the OS can (posix_fallocate),
+    so a full disk is an error here and not a SIGBUS in the middle of an update."""
 
     def __init__(self, directory: Path, parameters: list[torch.Tensor]) -> None:
         self.offsets: dict[int, tuple[int, int]] = {}  # id(parameter) -> (start byte of its exp_avg, of exp_avg_sq)
         position = 0
         for parameter in parameters:
-            size = _page_aligned(parameter.numel() * 4)
+            size = _page_aligned(parameter.numel() * parameter.element_size())
             self.offsets[id(parameter)] = (position, position + size)
             position += 2 * size
         self.size = max(position, mmap.PAGESIZE)
@@ -48,7 +48,8 @@ class MomentFile:
         try:
             os.unlink(path)
             try:
-                os.posix_fallocate(fd, 0, self.size)
+                reserve = getattr(os, "posix_fallocate", None)  # not on macOS: a sparse file, filled as written
+                reserve(fd, 0, self.size) if reserve else os.ftruncate(fd, self.size)
             except OSError as error:
                 raise OSError(
                     f"cannot reserve {self.size / 2**30:.2f} GiB for the optimizer's moments in {directory} ({error}): "
@@ -59,11 +60,10 @@ class MomentFile:
             os.close(fd)
 
     def views(self, parameter: torch.Tensor) -> dict[str, torch.Tensor]:
-        """exp_avg and exp_avg_sq of `parameter`: fp32 tensors of its shape backed by the file."""
+        """exp_avg and exp_avg_sq of `parameter`: tensors of its shape and dtype backed by the file."""
+        count, dtype = parameter.numel(), parameter.dtype
         return {
-            name: torch.frombuffer(self._map, dtype=torch.float32, count=parameter.numel(), offset=start).view(
-                parameter.shape
-            )
+            name: torch.frombuffer(self._map, dtype=dtype, count=count, offset=start).view(parameter.shape)
             for name, start in zip(MOMENTS, self.offsets[id(parameter)], strict=True)
         }
 
@@ -93,6 +93,11 @@ class OffloadedAdamW(torch.optim.AdamW):
                 "train.offload_optimizer_state keeps exp_avg and exp_avg_sq only: amsgrad is not supported"
             )
         super().__init__(params, **options)
+        if any(p.device.type != "cpu" for group in self.param_groups for p in group["params"]):
+            raise ValueError(
+                "train.offload_optimizer_state moves AdamW's moments out of host memory: it applies to parameters in "
+                "host memory (a CPU run), not to GPU ones; set train.offload_optimizer_state=false"
+            )
         self.moments = MomentFile(directory, [p for group in self.param_groups for p in group["params"]])
 
     @torch.no_grad()
@@ -100,6 +105,9 @@ class OffloadedAdamW(torch.optim.AdamW):
         """AdamW's step, a slice of parameters at a time with only that slice's moments resident."""
         if closure is not None:
             raise ValueError("OffloadedAdamW.step takes no closure: compute the loss and backward first")
+        adamw_step = torch.optim.AdamW.step
+        if getattr(adamw_step, "hooked", False):  # torch's hook/profiler wrapper: it runs once, around this step
+            adamw_step = adamw_step.__wrapped__  # type: ignore[attr-defined]
         groups = self.param_groups
         try:
             for group in groups:
@@ -108,7 +116,7 @@ class OffloadedAdamW(torch.optim.AdamW):
                     self.param_groups = [
                         {**group, "params": parameters}
                     ]  # the group's settings as the scheduler set them
-                    super().step()
+                    adamw_step(self)
                     self._adopt(parameters)
                     self.moments.release(parameters)
         finally:
@@ -116,10 +124,13 @@ class OffloadedAdamW(torch.optim.AdamW):
         return None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loading, then the loaded moments into the file a slice at a time (the peak: one slice above the
+        loaded state, which a checkpoint read with torch.load(mmap=True) holds as file pages)."""
         super().load_state_dict(state_dict)
-        parameters = [p for group in self.param_groups for p in group["params"]]
-        self._adopt(parameters)
-        self.release_moments()
+        for group in self.param_groups:
+            for parameters in moment_slices(group["params"]):
+                self._adopt(parameters)
+                self.moments.release(parameters)
 
     def release_moments(self) -> None:
         self.moments.release()
@@ -128,8 +139,8 @@ class OffloadedAdamW(torch.optim.AdamW):
         """Moments that torch created in memory (the first update) or that a checkpoint loaded move into the file."""
         for parameter in parameters:
             state = self.state.get(parameter)
-            if not state or "exp_avg" not in state:
-                continue  # no gradient yet: AdamW has not touched it
+            if not state or "exp_avg" not in state or parameter.numel() == 0:
+                continue  # no gradient yet (AdamW has not touched it), or nothing to store
             views = self.moments.views(parameter)
             for name, view in views.items():
                 if state[name].data_ptr() != view.data_ptr():
@@ -142,7 +153,7 @@ def moment_slices(parameters: list[torch.Tensor]) -> Iterator[list[torch.Tensor]
     current: list[torch.Tensor] = []
     size = 0
     for parameter in parameters:
-        moment_bytes = parameter.numel() * 8
+        moment_bytes = parameter.numel() * parameter.element_size() * 2
         if current and size + moment_bytes > MOMENT_SLICE_BYTES:
             yield current
             current, size = [], 0
