@@ -113,9 +113,8 @@ class OffloadedAdamW(torch.optim.AdamW):
             for group in groups:
                 for parameters in moment_slices(group["params"]):
                     self.moments.fault_in(parameters)
-                    self.param_groups = [
-                        {**group, "params": parameters}
-                    ]  # the group's settings as the scheduler set them
+                    # the group's settings (learning rate as the scheduler set it) for this slice only
+                    self.param_groups = [{**group, "params": parameters}]
                     adamw_step(self)
                     self._adopt(parameters)
                     self.moments.release(parameters)
