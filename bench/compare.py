@@ -43,7 +43,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import torch
 torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
 spec = json.loads(sys.argv[1])
-def finish(steps, final_loss, supervised, who=resource.RUSAGE_SELF, gpu_peak=None):
+def finish(steps, final_loss, supervised, who=resource.RUSAGE_SELF, gpu_peak=None, losses=()):
     usage = resource.getrusage(who)
     # steps: [(end time, non-padding tokens of the step)], first step dropped as warm-up
     timed = steps[1:] if len(steps) > 1 else steps
@@ -53,7 +53,7 @@ def finish(steps, final_loss, supervised, who=resource.RUSAGE_SELF, gpu_peak=Non
         "tokens_per_s": tokens / seconds, "supervised_tokens_per_s": supervised * tokens / max(1, sum(t for _, t in steps)) / seconds,
         "peak_rss_gib": usage.ru_maxrss / 2**20, "cpu_seconds": usage.ru_utime + usage.ru_stime,
         **({"peak_gpu_gib": gpu_peak or torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}),
-        "wall_seconds": time.time() - START, "final_loss": final_loss, "steps": len(steps),
+        "wall_seconds": time.time() - START, "final_loss": final_loss, "losses": list(losses), "steps": len(steps),
         "tokens": sum(t for _, t in steps), "supervised_tokens": supervised}))
 START = time.time()
 """
@@ -99,7 +99,7 @@ for r in records:
     steps.append((START + elapsed, step_tokens))
 per_token = summary["supervised_tokens"] / max(1, summary["tokens"])
 finish(steps, records[-1]["loss"], per_token * sum(t for _, t in steps), resource.RUSAGE_CHILDREN,
-       records[-1].get("peak_gpu_gib"))
+       records[-1].get("peak_gpu_gib"), losses=[r["loss"] for r in records])
 """
 )
 
@@ -133,7 +133,7 @@ per_step = [b - a for a, b in zip([0] + cumulative[:-1], cumulative)]
 # supervised tokens: the completion tokens of the rows the steps used (sequential order)
 used = spec["steps"] * spec["micro_batch_size"] * spec["accumulation"]
 supervised = sum(len(tokenizer(r["messages"][-1]["content"])["input_ids"]) + 1 for r in rows[:used])
-finish(list(zip(steps, per_step)), logs[-1]["loss"], supervised)
+finish(list(zip(steps, per_step)), logs[-1]["loss"], supervised, losses=[h["loss"] for h in logs])
 """
 )
 
@@ -233,6 +233,19 @@ def ratios_to(sftune: dict[str, Any], trl: dict[str, Any]) -> dict[str, float]:
     return ratios
 
 
+def loss_curve_line(method: str, label: str, run: dict[str, Any], curves: dict[str, dict[str, Any]]) -> str:
+    """How far one run's per-step losses (its first repeat) are from TRL's and from sftune's default run's."""
+    losses = run["runs"][0].get("losses") or []
+    parts = []
+    for other in ("trl", "sftune"):
+        reference = curves[other]["runs"][0].get("losses") or []
+        if other != label and losses and len(reference) == len(losses):
+            gaps = [abs(a / b - 1) for a, b in zip(losses, reference, strict=True)]
+            parts.append(f"against {'TRL' if other == 'trl' else 'sftune ' + method}: at most {max(gaps):.2%} per step")
+    name = label if label != "sftune" else f"sftune {method}"
+    return f"Loss curve of {name} ({len(losses)} steps): " + ("; ".join(parts) or "no per-step losses") + "."
+
+
 def markdown(results: dict[str, Any]) -> str:
     gpu = all("peak_gpu_gib" in tools["sftune"] for tools in results["methods"].values())
     lines = [
@@ -266,6 +279,8 @@ def markdown(results: dict[str, Any]) -> str:
     for method, tools in results["methods"].items():
         for label, variant in tools.get("variants", {}).items():
             lines.append(f"{label}: sftune {method} with {' '.join(variant['overrides'])}, against the same TRL runs.")
+        curves = {label: tools[label] for label in ("sftune", "trl")} | tools.get("variants", {})
+        lines += [loss_curve_line(method, label, curves[label], curves) for label in curves if label != "trl"]
     for method, tools in results["methods"].items():
         resolved = tools["sftune"]["runs"][0].get("resolved")
         if resolved and method == "lora":  # base_dtype only applies to lora
