@@ -124,7 +124,7 @@ class OffloadedAdamW(torch.optim.AdamW):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loading, then the loaded moments into the file a slice at a time (the peak: one slice above the
-        loaded state, which a checkpoint read with torch.load(mmap=True) holds as file pages)."""
+        loaded state, which training/checkpoint.read_optimizer_file maps from the file rather than reading it)."""
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for parameters in moment_slices(group["params"]):
