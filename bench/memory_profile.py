@@ -8,8 +8,7 @@ run. The child samples VmRSS from /proc/self/status every 20 ms on a thread and 
 model, each step's forward+backward and optimizer update); it prints, per phase, the RSS at its end and the highest
 RSS seen during it, then peak RSS (ru_maxrss), CPU seconds and non-padding tokens/s of the steps after the first.
 Each `--variant "a=b C=d"` (repeatable; they run interleaved, each --repeats times) holds dotted sftune overrides and
-upper-case environment variables for the child: BENCH_GLIBC_DEFAULTS=1 leaves glibc's malloc thresholds as they are
-(the state before training/memory.py), MALLOC_MMAP_THRESHOLD_=N and the like set glibc's own tunables.
+upper-case environment variables for the child (MALLOC_MMAP_THRESHOLD_=N and the like set glibc's own tunables).
 Not a test: a profile to read (bench/results/memory_profile.md).
 """
 
@@ -66,7 +65,7 @@ import torch
 torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
 import yaml
 import sftune.recipes.sft as sft
-import sftune.training.run as run_module
+import sftune.training.loop as loop
 from sftune.cli import main
 mark("imports")
 
@@ -77,8 +76,6 @@ def timed(name, function):
         return result
     return wrapper
 
-if os.environ.get("BENCH_GLIBC_DEFAULTS"):  # the "before": training/memory.py's threshold not set
-    run_module.return_freed_memory = lambda device: "host memory: glibc defaults (BENCH_GLIBC_DEFAULTS)"
 if os.environ.get("BENCH_TRIM"):  # experiment: glibc's malloc_trim(0) after every micro-batch's backward
     import contextlib
     import sftune.training.step as step_module
@@ -92,9 +89,9 @@ if os.environ.get("BENCH_TRIM"):  # experiment: glibc's malloc_trim(0) after eve
 # Phase marks only: the wrapped functions run unchanged.
 sft.setup_data = timed("data", sft.setup_data)
 sft.setup_model = timed("model", sft.setup_model)
-sft.build_optimizer = timed("optimizer", sft.build_optimizer)
-sft.backward_window = timed("forward+backward", sft.backward_window)
-sft.optimizer_step = timed("update", sft.optimizer_step)
+loop.build_optimizer = timed("optimizer", loop.build_optimizer)
+loop.backward_window = timed("forward+backward", loop.backward_window)
+loop.optimizer_step = timed("update", loop.optimizer_step)
 config = {
     "model": {"name_or_path": spec["model"]},
     "data": {"train": spec["data"], "max_length": 512, "shuffle": False, "format": "messages",
@@ -139,8 +136,8 @@ def run(method: str, steps: int, variant: list[str], data: Path, out: Path) -> d
             "steps": steps, "out": str(out), "overrides": overrides}  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra_env}
     # The child runs sftune's command in-process (to mark its phases), so it is started on the host allocator
-    # the command would start itself on (training/allocator.py), unless the variant asks for the system's.
-    from sftune.training.allocator import mimalloc_library
+    # the command would start itself on (host/allocator.py), unless the variant asks for the system's.
+    from sftune.host.allocator import mimalloc_library
 
     library = mimalloc_library()
     if library is not None and "train.host_allocator=system" not in overrides and "LD_PRELOAD" not in extra_env:

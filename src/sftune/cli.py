@@ -9,11 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel
@@ -27,6 +24,8 @@ from sftune.config import (
     load_config,
     validate_section,
 )
+from sftune.host.allocator import restart_on_allocator
+from sftune.host.launch import launch_processes
 
 # Errors that are the user's to fix: printed as one clear message, never as a traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (UserError, FileNotFoundError)
@@ -169,36 +168,6 @@ def add_nproc(command: argparse.ArgumentParser) -> None:
     )
 
 
-def launch_processes(nproc: int, argv: list[str]) -> int:
-    """Run this same command under torchrun on `nproc` local processes; SIGTERM is passed on (each rank then
-    checkpoints and stops) and torchrun's exit code returned."""
-    if nproc < 1:
-        raise UserError(f"--nproc {nproc}: give a number of processes >= 1")
-    rest, skip = [], False
-    for token in argv:  # the same arguments without --nproc
-        if skip or token.startswith("--nproc="):
-            skip = False
-            continue
-        if token == "--nproc":
-            skip = True
-            continue
-        rest.append(token)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    child = subprocess.Popen([*command, "-m", "sftune.cli", *rest])
-    forwarded: list[int] = []
-
-    def forward(number: int, frame: Any) -> None:
-        forwarded.append(number)
-        child.send_signal(number)
-
-    previous = signal.signal(signal.SIGTERM, forward)
-    try:
-        code = child.wait()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return 128 + forwarded[0] if forwarded else code  # stopped by a signal: the ranks checkpointed, as on one process
-
-
 def run_train(args: argparse.Namespace) -> None:
     from sftune.recipes.sft import train
 
@@ -278,31 +247,15 @@ def run_demo(args: argparse.Namespace) -> None:
     demo(args.out, list(args.overrides))
 
 
-def is_own_command_line(arguments: list[str]) -> bool:
-    """True when this process was started as this very sftune command (the `sftune` script or `python -m
-    sftune.cli`, with these arguments), so that starting it again runs it again and nothing else: never for a
-    call from Python (a notebook, a test, a wrapper script), whose process must not be replaced."""
-    command = list(sys.orig_argv)
-    if not arguments or command[-len(arguments) :] != arguments:
-        return False
-    before = command[: -len(arguments)]
-    return before[-2:] == ["-m", "sftune.cli"] or (len(before) >= 2 and Path(before[-1]).name == "sftune")
-
-
-def start_on_host_allocator(config: Config) -> None:
-    """Start this command again, same process and arguments, with mimalloc as malloc (training/allocator.py),
-    where train.host_allocator wants it and it is not in use yet; returns where nothing needs to change."""
-    from sftune.training.allocator import relaunch_environment
-
-    environment = relaunch_environment(config.train)
-    if environment is None:
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
-    except OSError as exc:  # the system's malloc then: slower and more memory, never a failed run
-        print(f"host allocator: could not start again on mimalloc ({exc}); the system's malloc", file=sys.stderr)
+def parse_arguments(parser: argparse.ArgumentParser, arguments: list[str]) -> argparse.Namespace:
+    """The command's arguments, dotted overrides and flags in any order (`sftune train CFG --nproc 2 a.b=1`):
+    argparse stops a positional list at the first flag, so what it leaves over that is an override joins them."""
+    args, extra = parser.parse_known_args(arguments)
+    if extra and hasattr(args, "overrides") and not any(token.startswith("-") for token in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def quiet_library_import_noise() -> None:
@@ -317,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     arguments = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(arguments)
+    args = parse_arguments(build_parser(), arguments)
     handlers = {
         "train": run_train,
         "dpo": run_dpo,
@@ -329,11 +282,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data": run_data,
     }
     try:
-        if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
-            load_config(args.config, list(args.overrides))  # a config error is reported once, before any launch
-            return launch_processes(args.nproc, arguments)
-        if args.command in ("train", "dpo") and is_own_command_line(arguments):  # it may start itself again
-            start_on_host_allocator(load_config(args.config, list(args.overrides)))
+        if args.command in ("train", "dpo"):
+            config = load_config(args.config, list(args.overrides))  # a config error is reported once, up front
+            if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+                return launch_processes(args.nproc, arguments)
+            restart_on_allocator(config.train, arguments)  # the command itself only: never a caller's process
         code = handlers[args.command](args)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from sftune.cli import main
-from sftune.training.allocator import mimalloc_library
+from sftune.host.allocator import mimalloc_library
 from tests.conftest import REPO
 
 
@@ -62,7 +62,7 @@ def test_console_script_runs_in_a_fresh_process(tmp_path, tiny_model_dir):
         [sys.executable, "-m", "sftune.cli", "train", str(config)], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    if mimalloc_library() is not None:  # the command started itself again on mimalloc (training/allocator.py)
+    if mimalloc_library() is not None:  # the command started itself again on mimalloc (host/allocator.py)
         assert "host allocator: mimalloc" in done.stdout
     again = subprocess.run(
         [sys.executable, "-m", "sftune.cli", "train", str(config)], env=env, capture_output=True, text=True, timeout=300

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from sftune.recipes.sft import train
 from tests.conftest import REPO
-from tests.recipes.test_sft import tiny_config
+from tests.helpers import tiny_config
 
 KILLS = 20
 

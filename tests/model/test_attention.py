@@ -11,7 +11,7 @@ from sftune.data.batching import collate, collate_packed
 from sftune.model.attention import ATTENTION
 from sftune.model.lora import apply_lora
 from sftune.training.loss import TokenLoss
-from tests.training.test_step import make_examples
+from tests.helpers import make_examples
 
 TINY = LlamaConfig(
     vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

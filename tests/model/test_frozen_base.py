@@ -5,17 +5,13 @@ adapter gradients against the fp32 base, the adapter-off path, saving as a plain
 from __future__ import annotations
 
 import peft
-import pytest
 import torch
 
 from sftune.config import load_config
-from sftune.model import frozen_base
-from sftune.model.frozen_base import LowPrecisionLinear, cast_frozen_base, resolve_base_dtype
+from sftune.model.frozen_base import LowPrecisionLinear, cast_frozen_base, frozen_base_dtype
 from sftune.model.load import load_model
 from sftune.model.lora import save_trained
-from sftune.training.run import resolve_auto_settings
-from tests.model.test_fused_lora import adapters, fused_and_peft_pair, loss_and_gradients
-from tests.model.test_lora import batch
+from tests.model.helpers import adapters, batch, fused_and_peft_pair, loss_and_gradients
 
 CPU = torch.device("cpu")
 
@@ -88,34 +84,14 @@ def config(method: str = "lora", **train):
     return load_config({"data": {"train": "x.json"}, "train": {"method": method, **train}})
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_picks_bf16_only_where_native_and_not_under_fsdp2(monkeypatch, native):
-    monkeypatch.setattr(frozen_base, "bf16_supported", lambda device: native)
-    expected = torch.bfloat16 if native else None
-    assert resolve_base_dtype(config(), CPU, "fp32", "single") == expected
-    assert resolve_base_dtype(config(), CPU, "fp32", "ddp") == expected
-    assert resolve_base_dtype(config(), CPU, "fp32", "fsdp2") is None  # FSDP2 needs one dtype per sharded layer
-    assert resolve_base_dtype(config(), CPU, "bf16-true", "single") is None  # already bf16
-    for method in ("full", "qlora"):
-        assert resolve_base_dtype(config(method), CPU, "fp32", "single") is None
+def test_the_frozen_base_dtype_follows_the_resolved_setting():
+    """Only a resolved lora.base_dtype=bf16 casts (its `auto` is training/settings.py's, tested there)."""
     forced = load_config({"data": {"train": "x.json"}, "train": {"method": "lora"}, "lora": {"base_dtype": "bf16"}})
-    assert resolve_base_dtype(forced, CPU, "fp32", "single") == torch.bfloat16
+    assert frozen_base_dtype(forced, "fp32") == torch.bfloat16
+    assert frozen_base_dtype(forced, "bf16-true") is None  # every weight bf16 already
     exact = load_config({"data": {"train": "x.json"}, "train": {"method": "lora"}, "lora": {"base_dtype": "fp32"}})
-    assert resolve_base_dtype(exact, CPU, "fp32", "single") is None
-
-
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_settings_resolve_to_concrete_values(monkeypatch, native):
-    """Checkpointing auto = on, on a CPU, exactly for lora on a bf16 base and for full fine-tuning; explicit
-    choices are kept."""
-    monkeypatch.setattr(frozen_base, "bf16_supported", lambda device: native)
-    lora = resolve_auto_settings(config(), CPU, "fp32", "single")
-    assert lora.lora.base_dtype == ("bf16" if native else "fp32")
-    assert lora.train.gradient_checkpointing is native
-    full = resolve_auto_settings(config("full"), CPU, "fp32", "single")
-    assert full.train.gradient_checkpointing is True and full.lora.base_dtype == "auto"  # not used by full
-    kept = resolve_auto_settings(config(gradient_checkpointing=False), CPU, "fp32", "single")
-    assert kept.train.gradient_checkpointing is False
-    assert resolve_auto_settings(lora, CPU, "fp32", "single") == lora  # resolving twice changes nothing
-    on_gpu = resolve_auto_settings(config(), torch.device("cuda"), "fp32", "single")  # launch-bound: no recompute
-    assert on_gpu.lora.base_dtype == lora.lora.base_dtype and on_gpu.train.gradient_checkpointing is False
+    assert frozen_base_dtype(exact, "fp32") is None
+    assert frozen_base_dtype(config(), "fp32") is None  # unresolved auto: as loaded
+    for method in ("full", "qlora"):
+        full = load_config({"data": {"train": "x.json"}, "train": {"method": method}, "lora": {"base_dtype": "bf16"}})
+        assert frozen_base_dtype(full, "fp32") is None

@@ -14,33 +14,9 @@ from sftune.model import fused_lora
 from sftune.model.fused_lora import FusedLoraLinear, SharedInput
 from sftune.model.load import load_model, load_tokenizer
 from sftune.model.lora import dequantize_base, quantize_base_to_nf4, save_trained
-from tests.model.test_lora import batch, prepared
+from tests.model.helpers import adapters, batch, fused_and_peft_pair, loss_and_gradients, prepared
 
 TOLERANCE = 1e-5  # fp32
-
-
-def adapters(model) -> dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def fused_and_peft_pair(model_dir: Path, method: str, **lora):
-    """The same adapters (A and B random, so every gradient is non-zero) in fused and in PEFT's own layers."""
-    fused = prepared(model_dir, method, fuse_shared_inputs=True, **lora)
-    plain = prepared(model_dir, method, fuse_shared_inputs=False, **lora)
-    assert adapters(fused).keys() == adapters(plain).keys()  # PEFT's parameter names, unchanged
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in adapters(plain).items():
-            p.copy_(0.2 * torch.randn(p.shape, generator=generator))
-            adapters(fused)[name].copy_(p)
-    return fused, plain
-
-
-def loss_and_gradients(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.train()
-    output = model(input_ids=ids, labels=ids)
-    output.loss.backward()
-    return output.logits.detach(), {name: p.grad for name, p in adapters(model).items()}
 
 
 def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -14,11 +14,10 @@ import torch
 
 from sftune.model.lean_activations import BlockRecipes, is_gated_mlp, is_product_of, make_activations_lean, unpack
 from sftune.model.load import load_model
-from sftune.training.allocator import active_allocator
-from sftune.training.memory import glibc
+from sftune.host.allocator import active_allocator
+from sftune.host.memory import glibc
 from tests.conftest import build_tiny_model, build_tiny_tokenizer
-from tests.model.test_fused_lora import adapters, fused_and_peft_pair
-from tests.model.test_lora import batch
+from tests.model.helpers import adapters, batch, fused_and_peft_pair
 
 
 def gradients(model, run) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

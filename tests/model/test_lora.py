@@ -24,21 +24,9 @@ from sftune.model.lora import (
     save_trained,
 )
 
+from tests.model.helpers import batch, method_config, prepared
+
 TOLERANCE = 1e-4
-
-
-def method_config(method: str, **lora) -> Config:
-    lora = {"r": 4, "alpha": 8, "dropout": 0.0, **lora}
-    return load_config({"data": {"train": "unused.json"}, "train": {"method": method}, "lora": lora})
-
-
-def prepared(model_dir: Path, method: str, **lora):
-    torch.manual_seed(0)
-    return prepare_model(load_model(str(model_dir), torch.float32, "cpu"), method_config(method, **lora))
-
-
-def batch(vocab: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(seed))
 
 
 def train_steps(model, steps: int = 3) -> None:

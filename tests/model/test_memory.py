@@ -86,30 +86,6 @@ def test_memory_estimate_counts_only_the_modules_lora_targets():
     assert count_lora_parameters(model_config, rank, ["down_proj"]) == layers * rank * (inter + hidden)
 
 
-def test_memory_budget_switches_on_activation_checkpointing_only_where_needed(capsys):
-    from sftune.model.memory import fit_memory_budget
-
-    model_config = LlamaConfig(**SMOLLM2)
-    # As training/run.resolve_auto_settings leaves it where recomputing is not cheap (an fp32 frozen base)
-    plain = load_config({"data": {"train": "x.json"}, "train": {"method": "lora", "gradient_checkpointing": False}})
-    memory = estimate_memory(model_config, plain, micro_batch_tokens=4096)
-    checkpointed = load_config(
-        {"data": {"train": "x.json"}, "train": {"method": "lora", "gradient_checkpointing": True}}
-    )
-    memory["with_checkpointing_gib"] = {"lora": estimate_memory(model_config, checkpointed, 4096)["lora_gib"]}
-    assert memory["with_checkpointing_gib"]["lora"] < memory["lora_gib"]
-
-    def with_budget(gib):
-        train = {"method": "lora", "memory_budget_gib": gib, "gradient_checkpointing": False}
-        return load_config({"data": {"train": "x.json"}, "train": train})
-
-    roomy = fit_memory_budget(with_budget(memory["lora_gib"] + 1), memory)
-    assert not roomy.train.gradient_checkpointing and "within" in capsys.readouterr().out
-    tight = fit_memory_budget(with_budget(memory["lora_gib"] - 0.01), memory)
-    assert tight.train.gradient_checkpointing and "activation checkpointing on" in capsys.readouterr().out
-    assert not fit_memory_budget(plain, memory).train.gradient_checkpointing  # no budget, no change
-
-
 def test_memory_per_process_follows_the_strategy_and_world_size():
     """fsdp2 shards weights, gradients and optimizer state (per-process memory falls with more ranks, by at most the
     sharded part); ddp keeps a full replica plus gradient buckets on every rank."""
@@ -167,11 +143,9 @@ def test_the_estimate_counts_the_chunk_the_loss_holds():
     assert memory.CHUNK_LOGITS_BYTES == loss.CHUNK_LOGITS * 4  # fp32 values
 
 
-def test_offloaded_moments_leave_the_estimate_and_auto_switches_them_on_only_where_needed(capsys, monkeypatch):
+def test_offloaded_moments_leave_the_estimate(capsys, monkeypatch):
     """Offloading AdamW's moments removes 8 bytes per trainable weight from the peak, less the one slice the update
-    holds; 'auto' turns it on where the (checkpointed) estimate is above the budget or the memory available."""
-    from sftune.model.memory import ESTIMATE_MARGIN, fit_memory_budget
-
+    holds (when 'auto' turns it on: tests/training/test_settings.py)."""
     model_config = LlamaConfig(**SMOLLM2)
 
     def config(**train):
@@ -183,33 +157,10 @@ def test_offloaded_moments_leave_the_estimate_and_auto_switches_them_on_only_whe
     largest_slice = SMOLLM2["vocab_size"] * SMOLLM2["hidden_size"] * 8  # the embedding's moments
     assert offloaded["optimizer_state_offloaded"] and not kept["optimizer_state_offloaded"]
     assert kept["full_gib"] - offloaded["full_gib"] == pytest.approx((params * 8 - largest_slice) / 2**30, abs=2e-3)
-    memory = {
-        **kept,
-        "with_checkpointing_gib": {"full": kept["full_gib"]},
-        "with_offload_gib": {"full": offloaded["full_gib"]},
-        "device": "cpu",  # as training/data.estimate_run_memory records it
-    }
-
-    def resolved(available_gib, **train):
-        return fit_memory_budget(config(**train), memory, int(available_gib * 2**30)).train.offload_optimizer_state
-
-    assert resolved(100) is False  # roomy: no budget, plenty available
-    assert resolved(kept["full_gib"] - 0.1) is True and "the memory available" in capsys.readouterr().out
-    assert resolved(100, memory_budget_gib=kept["full_gib"] - 0.1) is True
-    assert "train.memory_budget_gib" in capsys.readouterr().out
-    assert resolved(100, memory_budget_gib=kept["full_gib"] * ESTIMATE_MARGIN + 0.1) is False
-    assert resolved(kept["full_gib"] * ESTIMATE_MARGIN - 0.1) is True  # within the estimate's margin: offloaded
-    assert resolved(1, offload_optimizer_state=False) is False  # an explicit setting is kept
-    assert fit_memory_budget(config(), None, 2**30).train.offload_optimizer_state is False  # no estimate: off
-    for where in ({"strategy": "fsdp2"}, {"device": "cuda"}):  # shards divide the state; GPU memory is not host memory
-        assert fit_memory_budget(config(), {**memory, **where}, 2**30).train.offload_optimizer_state is False
-    assert resolved(1, method="lora") is False  # adapters' optimizer state: nothing worth a file
-    monkeypatch.setattr("sftune.model.memory.is_ram_backed", lambda folder: True)
-    assert resolved(1) is False  # a run folder on tmpfs: the file would stay in RAM
 
 
 def test_moment_slice_constant_matches_the_optimizer():
     from sftune.model.memory import MOMENT_SLICE_BYTES
-    from sftune.training.offload import MOMENT_SLICE_BYTES as OPTIMIZER_SLICE
+    from sftune.host.offload import MOMENT_SLICE_BYTES as OPTIMIZER_SLICE
 
     assert MOMENT_SLICE_BYTES == OPTIMIZER_SLICE

@@ -21,22 +21,14 @@ from sftune.model.load import CACHE_ENV
 from sftune.model.lora import apply_lora
 from sftune.recipes.dpo import train_dpo
 from sftune.training.loss import TokenLoss
+from sftune.training.reference import precompute_reference
 from sftune.training.preference import (
     PreferenceLoss,
     make_pair_batch,
-    precompute_reference,
     preference_loss,
     sequence_logps,
 )
-
-QUESTIONS = ["Say yes.", "Say ok.", "Agree?", "Confirm.", "Yes or no?", "Fine?", "Ready?", "Go?"]
-
-
-def write_pairs(path, count=8):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{"prompt": q, "chosen": "Yes, done.", "rejected": "No!"} for q in (QUESTIONS * 4)[:count]]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from tests.helpers import QUESTIONS, dpo_config, write_pairs
 
 
 def tiny_pairs(tokenizer, count=4):
@@ -94,21 +86,6 @@ def test_adapter_off_reference_needs_no_copy_and_starts_at_log_two(tiny_model_di
     # Precomputed reference log-probs give the same loss as the adapter switched off on the fly.
     reference = precompute_reference(objective.loss, pairs, 2, torch.device("cpu"))
     torch.testing.assert_close(objective(make_pair_batch(pairs, reference)), loss)
-
-
-def dpo_config(tmp_path, model_dir, **train):
-    return load_config(
-        {
-            "model": {"name_or_path": str(model_dir)},
-            "data": {"train": str(write_pairs(tmp_path / "pairs.jsonl", 16)), "validation_fraction": 0.25},
-            "template": {"name": "chatml"},
-            "train": {"method": "lora", "micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 12,
-                      "learning_rate": 5e-3, "warmup_steps": 0, "progress": False, "precision": "fp32", **train},
-            "lora": {"r": 8, "dropout": 0.0},
-            "dpo": {"beta": 0.5},
-            "output": {"dir": str(tmp_path / "run")},
-        }
-    )  # fmt: skip
 
 
 def test_a_lora_dpo_run_learns_the_preference(tmp_path, tiny_model_dir):

@@ -15,38 +15,9 @@ from sftune.data.dataset import build_examples
 from sftune.data.formats import read_conversations, split_validation
 from sftune.model.setup import setup_tokenizer
 from sftune.recipes.sft import train
-from sftune.training.data import setup_data
+from sftune.training.data import publish_data, setup_data
 from sftune.training.run import RunError
-
-
-def write_alpaca(path: Path, count: int = 14) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{"instruction": f"Repeat {i}", "input": "x" * (i % 4), "output": f"Value {i} done"} for i in range(count)]
-    rows.append({"instruction": "Empty answer", "input": "", "output": "  "})  # rejected: empty_response
-    path.write_text(json.dumps(rows))
-    return path
-
-
-def tiny_config(tmp_path: Path, model_dir: Path, **train_overrides):
-    train = {
-        "micro_batch_size": 2,
-        "gradient_accumulation_steps": 2,
-        "max_steps": 6,
-        "learning_rate": 1e-3,
-        "warmup_steps": 2,
-        "progress": False,
-        "checkpoint_every": 3,
-        "keep_checkpoints": 3,
-        **train_overrides,
-    }
-    return load_config(
-        {
-            "model": {"name_or_path": str(model_dir)},
-            "data": {"train": str(write_alpaca(tmp_path / "data.json")), "validation_fraction": 0.2},
-            "train": train,
-            "output": {"dir": str(tmp_path / "run")},
-        }
-    )
+from tests.helpers import tiny_config, write_alpaca
 
 
 def test_counts_add_up_and_outputs_are_complete(tmp_path, tiny_model_dir):
@@ -70,7 +41,8 @@ def test_trains_the_examples_the_data_report_built_once(tmp_path, tiny_model_dir
     tokenizer, template = setup_tokenizer(config)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    data = setup_data(config, tokenizer, template, run_dir)
+    data = setup_data(config, tokenizer, template)
+    publish_data(data, config, run_dir, memory=None)
 
     conversations, _, _ = read_conversations(config.data.train, config.data)
     train_rows, _ = split_validation(conversations, config.data.validation_fraction, config.train.seed)
@@ -97,7 +69,9 @@ def test_rows_dropped_on_reading_and_on_building_are_each_counted_once(tmp_path,
     tokenizer, template = setup_tokenizer(config)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    counts = setup_data(config, tokenizer, template, run_dir).counts()
+    data = setup_data(config, tokenizer, template)
+    publish_data(data, config, run_dir, memory=None)
+    counts = data.counts()
 
     assert counts["rows_in"] == 16 + 4
     assert (counts["rows_trained"], counts["rows_validation"], counts["rows_rejected"]) == (14, 3, 3)

@@ -10,7 +10,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForC
 from sftune.data.batching import collate
 from sftune.data.types import IGNORE_INDEX
 from sftune.training.loss import LossSplitError, TokenLoss
-from tests.training.test_step import make_examples
+from tests.helpers import make_examples
 
 TINY = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
 HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}

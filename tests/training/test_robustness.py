@@ -21,7 +21,7 @@ from sftune.training.checkpoint import MANIFEST, CheckpointError, list_checkpoin
 from sftune.training.run import RunError
 from sftune.training.step import NonFiniteError
 from tests.conftest import REPO
-from tests.recipes.test_sft import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_a_diverging_run_stops_at_the_first_non_finite_step_and_keeps_a_finite_checkpoint(tmp_path, tiny_model_dir):

@@ -12,19 +12,7 @@ from sftune.data.batching import collate
 from sftune.data.types import IGNORE_INDEX, Example
 from sftune.training.loss import TokenLoss, token_loss_sum
 from sftune.training.step import backward_window
-
-
-def make_examples(vocab: int, count: int = 8, seed: int = 0) -> list[Example]:
-    """Examples of very different lengths and supervised fractions: where a mean of means goes wrong."""
-    rng = random.Random(seed)
-    examples = []
-    for i in range(count):
-        length = rng.randint(5, 40)
-        ids = [rng.randrange(3, vocab) for _ in range(length)]
-        prompt = rng.randint(1, length - 2)
-        labels = [IGNORE_INDEX] * prompt + ids[prompt:]
-        examples.append(Example(ids, labels, source=f"ex{i}"))
-    return examples
+from tests.helpers import make_examples
 
 
 def gradients(model) -> dict[str, torch.Tensor]:

@@ -109,7 +109,7 @@ class PreparedData:
     rows_in: int
     formats: dict[str, int] = field(default_factory=dict)
     validation_prompts: list[Prompt] = field(default_factory=list)  # for sample generations
-    memory: dict[str, Any] | None = None  # the data check's memory estimate (model/memory.py)
+    report: Any = None  # the DataReport of these very examples (data/check.py)
     train_rows: int | None = None  # rows behind `train` (fewer than examples where rows were expanded per turn)
     validation_rows: int | None = None
 

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from sftune.config import Config
-from sftune.model.load import bf16_supported
 
 
 class LowPrecisionLinear(torch.nn.Linear):
@@ -31,18 +30,13 @@ class LowPrecisionLinear(torch.nn.Linear):
         return F.linear(x.to(weight.dtype), weight, self.bias).to(x.dtype)
 
 
-def resolve_base_dtype(config: Config, device: torch.device, precision: str, strategy: str) -> torch.dtype | None:
-    """The dtype to store the frozen base linears in, or None to leave them as loaded.
-
-    auto: bf16 for lora where `device` computes bf16 natively (detected), the weights are loaded in fp32 and the
-    run is not sharded by FSDP2 (which needs one dtype per sharded layer); else None. bf16: always (for lora);
-    fp32: never. QLoRA's base is 4-bit already and full fine-tuning trains every weight: None."""
-    choice = config.lora.base_dtype
-    if config.train.method != "lora" or choice == "fp32" or precision == "bf16-true":
+def frozen_base_dtype(config: Config, precision: str) -> torch.dtype | None:
+    """The dtype to store the frozen base linears in (lora.base_dtype as resolved by training/settings.py), or None
+    to leave them as loaded: fp32, an unresolved auto, bf16-true (every weight bf16 already), and full fine-tuning
+    or QLoRA (every weight trains; the base is 4-bit already)."""
+    if config.train.method != "lora" or precision == "bf16-true" or config.lora.base_dtype != "bf16":
         return None
-    if choice == "bf16":
-        return torch.bfloat16
-    return torch.bfloat16 if bf16_supported(device) and strategy != "fsdp2" else None
+    return torch.bfloat16
 
 
 def cast_frozen_base(model: torch.nn.Module, dtype: torch.dtype) -> int:

@@ -7,21 +7,17 @@ the optimizer keeps per trainable weight, and what backward keeps per token.
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
 from typing import Any
 
 from sftune.config import Config
 from sftune.model.fused_lora import SHARED_INPUT_GROUPS
 from sftune.model.lean_activations import is_used as is_lean
-from sftune.training.host_memory import available_memory_bytes, is_ram_backed
 
 # Python + torch + transformers + peft after import, before any model (CPU, measured by bench/methods.py).
 RUNTIME_BYTES = int(0.35 * 1024**3)
 GIB = 1024**3
 CHUNK_LOGITS_BYTES = 8 * 1024 * 1024 * 4  # training/loss.py CHUNK_LOGITS fp32 values (a test keeps them equal)
-MOMENT_SLICE_BYTES = 64 * 1024 * 1024  # training/offload.py's slice of AdamW moments (a test keeps them equal)
+MOMENT_SLICE_BYTES = 64 * 1024 * 1024  # host/offload.py's slice of AdamW moments (a test keeps them equal)
 # What the estimate leaves out (allocator pages, autograd's bookkeeping): full fine-tuning of the bench model peaked
 # 0.5 GiB (~25%) above it, in memory and offloaded; deciding to offload is cheaper than being killed for memory.
 ESTIMATE_MARGIN = 1.25
@@ -135,16 +131,16 @@ def estimate_memory(
     params = count_model_parameters(model_config)
     targets, unknown = lora_targets(model_config, config.lora.target_modules)
     adapter = count_lora_parameters(model_config, config.lora.r, config.lora.target_modules)
-    gc_on = config.train.gradient_checkpointing is True  # "auto" not resolved (training/run.resolve_auto_settings): off
+    gc_on = config.train.gradient_checkpointing is True  # resolved by training/settings.py ("auto" counts as off)
     lean = is_lean(config.train)
     activations = estimate_activation_bytes(
         model_config, micro_batch_tokens, gc_on, length, config.train.padding_free, lean
     )
     adapter_activations = activations + estimate_dropout_bytes(model_config, micro_batch_tokens, config)
-    base_bytes = 4 if config.model.dtype in ("fp32", "auto") else 2
+    base_bytes = 2 if config.train.precision == "bf16-true" else 4  # the weights as trained (model/setup.py)
     frozen_linear_bytes = 2 if config.lora.base_dtype == "bf16" else base_bytes  # lora: model/frozen_base.py
     loading = params["total"] * (checkpoint_bytes_per_parameter(model_config) + base_bytes)
-    offloaded = config.train.offload_optimizer_state is True  # AdamW moments in a file (training/offload.py)
+    offloaded = config.train.offload_optimizer_state is True  # AdamW moments in a file (host/offload.py)
     moment_bytes = 0 if offloaded else 8  # per trainable weight, resident through forward and backward
     # the update of an offloaded optimizer holds one slice of moments: MOMENT_SLICE_BYTES, or the largest tensor's
     update_slice = max(MOMENT_SLICE_BYTES, model_config.vocab_size * model_config.hidden_size * 8) if offloaded else 0
@@ -187,9 +183,10 @@ def estimate_memory(
         "optimizer_state_offloaded": offloaded,
         "assumptions": "peak per process = runtime + max(loading, training); full: fp32 weights + 2 AdamW states + "
         "activations (offloaded states: one slice of them in the update); LoRA: frozen base linears at "
-        "lora.base_dtype, other weights at model.dtype (auto=fp32) + adapter state of the targeted modules + "
-        "activations + dropout copies; QLoRA: NF4 block linears, other weights at model.dtype, loaded in full "
-        "precision first; ddp: + gradient buckets; fsdp2: weights and states / world size + 2 gathered layers",
+        "lora.base_dtype, other weights as trained (bf16 under bf16-true, else fp32) + adapter state of the "
+        "targeted modules + activations + dropout copies; QLoRA: NF4 block linears, other weights as trained, "
+        "loaded in full precision first; ddp: + gradient buckets; fsdp2: weights and states / world size + 2 "
+        "gathered layers",
     }
 
 
@@ -214,63 +211,3 @@ def load_model_config(path: str) -> Any | None:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError):
         return None
-
-
-def fit_memory_budget(config: Config, memory: dict[str, Any] | None, available_bytes: int | None = None) -> Config:
-    """The config to train with, what it needs said in the run log:
-
-    - activation checkpointing on where the estimate for this run is above train.memory_budget_gib;
-    - train.offload_optimizer_state 'auto' made concrete (needs_offload): on for full fine-tuning on a CPU where the
-      estimate is still above the budget or above the memory available to the run; off otherwise."""
-    train, method = config.train, config.train.method
-    budget = train.memory_budget_gib
-    if budget is not None and memory is not None and train.gradient_checkpointing is not True:
-        estimate, checkpointed = memory[f"{method}_gib"], memory["with_checkpointing_gib"][method]
-        if estimate <= budget:
-            print(f"memory: estimate {estimate:.2f} GiB is within train.memory_budget_gib={budget}")
-        else:
-            still_above = checkpointed > budget and train.offload_optimizer_state is False  # 'auto' may offload next
-            print(
-                f"memory: estimate {estimate:.2f} GiB > train.memory_budget_gib={budget}: activation checkpointing "
-                f"on (estimate {checkpointed:.2f} GiB)"
-                + ("; still above the budget: lower micro_batch_size or data.max_length" if still_above else "")
-            )
-            train = train.model_copy(update={"gradient_checkpointing": True})
-    if train.offload_optimizer_state == "auto":
-        offload = needs_offload(train, memory, available_bytes, Path(config.output.dir))
-        train = train.model_copy(update={"offload_optimizer_state": offload})
-    return config.model_copy(update={"train": train})
-
-
-def needs_offload(
-    train: Any, memory: dict[str, Any] | None, available_bytes: int | None, run_dir: Path | None = None
-) -> bool:
-    """Whether full fine-tuning on a CPU should offload its optimizer's moments: its estimate (checkpointed where
-    train says so), with ESTIMATE_MARGIN, is above train.memory_budget_gib or the memory available to this process
-    (`available_bytes`; default: MemAvailable or its cgroup's headroom, shared by the local ranks of a distributed
-    run). Not for LoRA/QLoRA (their optimizer state is small), GPUs, fsdp2 (whose shards divide the state already),
-    or a run folder in RAM (tmpfs: the file would stay in memory). Said in the run log when it decides to."""
-    if memory is None or train.method != "full" or memory["strategy"] == "fsdp2" or memory.get("device") != "cpu":
-        return False
-    if sys.platform != "linux" or (run_dir is not None and is_ram_backed(run_dir)):
-        return False
-    estimate = memory["with_checkpointing_gib"]["full"] if train.gradient_checkpointing else memory["full_gib"]
-    available = available_memory_bytes() if available_bytes is None else available_bytes
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    limits = [(train.memory_budget_gib, "train.memory_budget_gib")]
-    limits += [] if available is None else [(available / GIB / local_ranks, "the memory available")]
-    limit, name = min(((v, n) for v, n in limits if v is not None), default=(None, ""))
-    if limit is None or estimate * ESTIMATE_MARGIN <= limit:
-        return False
-    offloaded = memory.get("with_offload_gib", {}).get("full")
-    print(
-        f"memory: estimate {estimate:.2f} GiB x {ESTIMATE_MARGIN} (what it leaves out) > {name} ({limit:.2f} GiB): "
-        "AdamW's moments offloaded to a file in the run folder (train.offload_optimizer_state"
-        + ("" if offloaded is None else f"; estimate {offloaded:.2f} GiB with checkpointing")
-        + (
-            ")"
-            if offloaded is None or offloaded * ESTIMATE_MARGIN <= limit
-            else "; still above: lower micro_batch_size or data.max_length)"
-        )
-    )
-    return True

@@ -11,7 +11,7 @@ from sftune.config import Config
 from sftune.data.templates import ChatTemplate, install_template, resolve_template
 from sftune.model.attention import ATTENTION
 from sftune.model.blocks import compile_blocks
-from sftune.model.frozen_base import cast_frozen_base, resolve_base_dtype
+from sftune.model.frozen_base import cast_frozen_base, frozen_base_dtype
 from sftune.model.lean_activations import is_used as is_lean
 from sftune.model.lean_activations import make_activations_lean
 from sftune.model.load import load_model, load_tokenizer, resolve_model_path
@@ -68,7 +68,7 @@ def setup_model(
         model = continue_adapter(model, adapter_dir, config.train.method)
     else:  # full / lora / qlora: which parameters train, whether the base is 4-bit; added tokens' rows always train
         model = prepare_model(model, config, added_token_ids=list(range(base_vocab, len(tokenizer))))
-    base_dtype = resolve_base_dtype(config, device, precision, strategy)
+    base_dtype = frozen_base_dtype(config, precision)
     if base_dtype is not None:
         cast = cast_frozen_base(model, base_dtype)
         print(f"LoRA: {cast} frozen base linears stored in {str(base_dtype).removeprefix('torch.')} (lora.base_dtype)")

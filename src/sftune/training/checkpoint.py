@@ -24,9 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sftune.config import UserError
+from sftune.host.offload import release_offloaded_moments
 from sftune.model.save import normal_permissions
 from sftune.training.distributed import SINGLE, Distributed, unwrap
-from sftune.training.offload import release_offloaded_moments
 
 CHECKPOINT_PREFIX = "step-"
 MANIFEST = "checkpoint_manifest.json"

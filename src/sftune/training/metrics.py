@@ -10,7 +10,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from sftune.training.memory import peak_memory
+from sftune.host.memory import peak_memory
 
 
 class MetricsLog:

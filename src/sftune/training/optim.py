@@ -9,14 +9,14 @@ from typing import Any
 import torch
 
 from sftune.config import TrainConfig, UserError
-from sftune.training.offload import OffloadedAdamW
+from sftune.host.offload import OffloadedAdamW
 
 
 def build_optimizer(
     parameters: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig, run_dir: Path | None = None
 ) -> torch.optim.AdamW:
     """Weight decay on weight matrices only: decaying norms and biases hurts and is not what the recipe means.
-    With train.offload_optimizer_state (resolved true) the moments live in a file in `run_dir` (training/offload.py)."""
+    With train.offload_optimizer_state (resolved true) the moments live in a file in `run_dir` (host/offload.py)."""
     trainable = [(name, p) for name, p in parameters if p.requires_grad]
     decay = [p for _, p in trainable if p.ndim >= 2]
     no_decay = [p for _, p in trainable if p.ndim < 2]

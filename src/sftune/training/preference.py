@@ -9,7 +9,6 @@ one is asked for (a frozen copy of the starting model).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -32,6 +31,9 @@ class PairBatch:
     sources: list[str]
     reference: torch.Tensor | None = None  # [2 * pairs]: reference log-probs, chosen then rejected
     weights: torch.Tensor | None = None  # [pairs]: 1.0 for a pair, 0.0 for a placeholder (None: all count)
+
+    def to(self, device: torch.device) -> PairBatch:
+        return replace(self, batch=self.batch.to(device))
 
 
 def make_pair_batch(pairs: list[PairExample], reference: list[tuple[float, float]] | None = None) -> PairBatch:
@@ -198,28 +200,3 @@ def frozen_copy(model: Any) -> TokenLoss:
 
 def pair_count(pair_batch: PairBatch) -> int:
     return pair_batch.num_pairs
-
-
-@torch.no_grad()
-def precompute_reference(
-    loss: TokenLoss,
-    pairs: list[PairExample],
-    micro_batch_size: int,
-    device: torch.device,
-    autocast: Any = None,
-    adapter_off: bool = True,
-) -> list[tuple[float, float]]:
-    """(chosen, rejected) reference log-probs of every pair, in one pass before training: with the adapter off
-    where there is one, or (`adapter_off=False`, an SFT adapter trained on) the model as it starts."""
-    was_training = loss.model.training
-    loss.model.eval()
-    switch_off = adapter_off and hasattr(loss.model, "disable_adapter")
-    adapter_off_context = loss.model.disable_adapter() if switch_off else contextlib.nullcontext()
-    results: list[tuple[float, float]] = []
-    with adapter_off_context, autocast or contextlib.nullcontext():
-        for start in range(0, len(pairs), micro_batch_size):
-            chunk = pairs[start : start + micro_batch_size]
-            logps = sequence_logps(loss, make_pair_batch(chunk).batch.to(device))[0].float().cpu()
-            results += list(zip(logps[: len(chunk)].tolist(), logps[len(chunk) :].tolist(), strict=True))
-    loss.model.train(was_training)
-    return results

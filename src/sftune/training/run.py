@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import shutil
@@ -17,13 +16,9 @@ import torch
 
 from sftune.config import Config, UserError, config_to_yaml
 from sftune.data.batching import accumulation_windows, window_micro_batches
-from sftune.model.frozen_base import resolve_base_dtype
-from sftune.model.load import bf16_supported, resolve_device
-from sftune.training.allocator import describe_allocator
 from sftune.training.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint
-from sftune.training.distributed import SINGLE, Distributed, init_distributed, training_device
+from sftune.training.distributed import SINGLE, Distributed
 from sftune.training.manifest import sha256_of
-from sftune.training.memory import return_freed_memory
 from sftune.training.metrics import MetricsLog
 
 
@@ -75,7 +70,7 @@ def check_free_space(run_dir: Path, model: Any, config: Config) -> None:
     total = sum(p.numel() for p in parameters)
     checkpoint = trainable * 4 * 3 if config.train.checkpoint_every else 0  # fp32 weights + 2 AdamW states
     final = (total if config.train.method == "full" else trainable) * 4
-    moments = trainable * 8 if config.train.offload_optimizer_state is True else 0  # training/offload.py's file
+    moments = trainable * 8 if config.train.offload_optimizer_state is True else 0  # host/offload.py's file
     needed = int((checkpoint * 2 + final + moments) * 1.1)  # a checkpoint is written beside the previous one
     free = shutil.disk_usage(run_dir).free
     if free < needed:
@@ -89,67 +84,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def setup_device(config: Config) -> tuple[torch.device, str]:
-    """The device to train on and the precision resolved for it (auto = bf16-mixed where bf16 is native)."""
-    if config.train.num_threads:
-        torch.set_num_threads(config.train.num_threads)
-    device = resolve_device(config.train.device)
-    return device, resolve_precision(config, device)
-
-
-def setup_process(config: Config) -> tuple[Config, torch.device, str, Distributed]:
-    """This process's part of a run, the same for every recipe: its device and precision, its place in a
-    distributed job (one process: SINGLE), the config with its 'auto' settings resolved for them, and (where
-    asked) glibc returning freed host memory at once (CPU: lower RSS for more CPU time)."""
-    device, precision = setup_device(config)
-    info = init_distributed(config, device)  # one process: SINGLE, and every collective after it is a no-op
-    device = training_device(device, info)
-    config = resolve_auto_settings(config, device, precision, info.strategy)  # lora.base_dtype, checkpointing
-    print(describe_allocator(config.train))
-    if config.train.release_freed_memory:
-        print(return_freed_memory(device))
-    return config, device, precision, info
-
-
-def resolve_precision(config: Config, device: torch.device) -> str:
-    precision = config.train.precision
-    if precision == "auto":
-        precision = "bf16-mixed" if bf16_supported(device.type) else "fp32"
-    return precision
-
-
-def resolve_auto_settings(config: Config, device: torch.device, precision: str, strategy: str) -> Config:
-    """The config with its hardware-dependent 'auto' settings made concrete for this run (so the data report, the
-    memory estimate, checkpoints and the run log all see what runs):
-
-    - lora.base_dtype (lora only): bf16 where `device` computes bf16 natively, else fp32 (model/frozen_base.py);
-    - train.gradient_checkpointing: on a CPU, on for lora on a bf16 frozen base and for full fine-tuning, where
-      recomputing the forward costs little against what it saves (bench/results/memory_profile.md, on mimalloc:
-      LoRA 1.27 instead of 2.11 GiB peak for ~6% of the tokens/s, full 3.09 instead of 4.10 GiB for ~5%; the lora
-      base's products are the fast bf16 ones, and a full step's backward does twice a forward's work). Off
-      otherwise: an fp32 lora base (an AVX2-only CPU: the recompute is a third of the step, and lean activations
-      keep the peak near 0.4x TRL's there), and on GPUs, where a small model's step is bound by kernel launches and
-      the recompute cost 40% (bench/results/compare-gpu-h100.md); train.memory_budget_gib can still switch it on."""
-    train, lora = config.train, config.lora
-    if train.method == "lora" and lora.base_dtype == "auto":
-        base = resolve_base_dtype(config, device, precision, strategy)
-        lora = lora.model_copy(update={"base_dtype": "bf16" if base == torch.bfloat16 else "fp32"})
-    if train.gradient_checkpointing == "auto":
-        cheap_recompute = (
-            device.type == "cpu"
-            and precision != "bf16-true"
-            and (train.method == "full" or (train.method == "lora" and lora.base_dtype == "bf16"))
-        )
-        train = train.model_copy(update={"gradient_checkpointing": cheap_recompute})
-    return config.model_copy(update={"train": train, "lora": lora})
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    if precision == "bf16-mixed":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def count_total_steps(config: Config, num_examples: int, world_size: int = 1) -> int:
@@ -270,7 +204,6 @@ def apply_optimizer_settings(optimizer: Any, scheduler: Any, config: Config) -> 
     for index, (group, rate) in enumerate(zip(optimizer.param_groups, rates, strict=True)):
         group["lr"], group["initial_lr"], group["betas"] = rate, cfg.learning_rate, tuple(cfg.adam_betas)
         group["weight_decay"] = cfg.weight_decay if index == 0 else 0.0  # group 0: the matrices (optim.py)
-    scheduler._last_lr = rates
 
 
 def advance(state: TrainerState, steps_per_epoch: int, tokens: int) -> TrainerState:

@@ -93,7 +93,7 @@ def optimizer_step(
 ) -> tuple[float, float, bool]:
     """Clip, check health, update, clear: (gradient norm, the learning rate this step used, whether it updated)."""
     grad_norm = clip_gradients(model, cfg.max_grad_norm)
-    lr = float(scheduler.get_last_lr()[0])
+    lr = float(optimizer.param_groups[0]["lr"])  # the rate this step uses (group 0: the matrices)
     updated = is_finite_step(loss, grad_norm, step, sources, cfg.on_nonfinite)
     if updated:
         optimizer.step()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sftune.training.host_memory import available_memory_bytes, cgroup_headroom, is_ram_backed
+from sftune.host.memory import available_memory_bytes, cgroup_headroom, is_ram_backed
 
 GIB = 2**30
 

@@ -7,7 +7,13 @@ tests can hand in a fake /proc and /sys/fs/cgroup.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import platform
+import resource
 from pathlib import Path
+
+import torch
 
 PROC, CGROUP_ROOT = Path("/proc"), Path("/sys/fs/cgroup")
 UNLIMITED = 2**60  # cgroup v1 writes a limit near 2**63 for "none"
@@ -99,3 +105,18 @@ def is_ram_backed(folder: Path, proc: Path = PROC) -> bool:
         if (mount_point == target or mount_point in target.parents) and len(mount_point.parts) >= len(best.parts):
             best, best_type = mount_point, rest.split()[0]
     return best_type in RAM_FILESYSTEMS
+
+
+def peak_memory() -> dict[str, float]:
+    """This process's peak host memory (RSS) so far, and the peak of GPU tensors where CUDA is in use, in GiB."""
+    peaks = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peaks["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return peaks
+
+
+def glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (its malloc's behaviour is what some measurements are about), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

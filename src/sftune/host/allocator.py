@@ -1,11 +1,9 @@
 """The host allocator of a training process: mimalloc where it is installed (train.host_allocator).
 
-PyTorch's CPU tensors come from plain malloc. glibc's malloc serves a step's activations (1 to 13 MiB each for the
-default model) from its heap, where freed blocks stay resident and fragment (training/memory.py), and it maps and
-faults in afresh what it does return. mimalloc (the `cmeel-mimalloc` package, a dependency on Linux) reuses freed
-blocks by size and gives idle memory back on its own. Measured on the default model's bench, same losses to the
-last digit: LoRA 3.49 -> 2.26 GiB peak RSS at 1.38x the tokens/s (fp32 base, no checkpointing), full fine-tuning
-4.59 -> 4.10 GiB at 1.22x (bench/results/memory_profile.md).
+PyTorch's CPU tensors come from plain malloc. glibc's malloc serves a step's activations from its heap, where
+freed blocks stay resident and fragment, and it maps and faults in afresh what it does return. mimalloc (the
+`cmeel-mimalloc` package, a dependency on Linux) reuses freed blocks by size and gives idle memory back on its own:
+lower peak RSS and faster CPU steps, the same losses (measured: bench/results/memory_profile.md).
 
 malloc is chosen when a process starts, so `sftune train` / `sftune dpo` start themselves again (exec, same process
 id, same arguments) with mimalloc preloaded before anything is imported; the variable `SFTUNE_HOST_ALLOCATOR` (the
@@ -20,6 +18,7 @@ import ctypes
 import importlib.metadata
 import os
 import platform
+import sys
 from pathlib import Path
 
 from sftune.config import TrainConfig, UserError
@@ -75,8 +74,6 @@ def relaunch_environment(train: TrainConfig) -> dict[str, str] | None:
         return None
     preload = " ".join(part for part in (str(library), os.environ.get("LD_PRELOAD", "")) if part)
     environment = {**os.environ, "LD_PRELOAD": preload, RELAUNCHED: str(os.getpid())}
-    if train.release_freed_memory:
-        environment.setdefault("MIMALLOC_PURGE_DELAY", "0")  # give freed memory back at once, not after 10 ms
     return environment
 
 
@@ -94,3 +91,28 @@ def describe_allocator(train: TrainConfig) -> str:
         f"(`sftune train` starts itself on mimalloc; here, start Python with LD_PRELOAD={library}) for lower peak "
         "memory and faster CPU steps"
     )
+
+
+def is_own_command_line(arguments: list[str]) -> bool:
+    """True when this process was started as this very sftune command (the `sftune` script or `python -m
+    sftune.cli`, with these arguments), so that starting it again runs it again and nothing else: never for a
+    call from Python (a notebook, a test, a wrapper script), whose process must not be replaced."""
+    command = list(sys.orig_argv)
+    if not arguments or command[-len(arguments) :] != arguments:
+        return False
+    before = command[: -len(arguments)]
+    return before[-2:] == ["-m", "sftune.cli"] or (len(before) >= 2 and Path(before[-1]).name == "sftune")
+
+
+def restart_on_allocator(train: TrainConfig, arguments: list[str]) -> None:
+    """Start this command again, same process and arguments, with mimalloc as malloc, where train.host_allocator
+    wants it, it is not in use yet and this process is the command itself; returns where nothing needs to change."""
+    environment = relaunch_environment(train) if is_own_command_line(arguments) else None
+    if environment is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
+    except OSError as exc:  # the system's malloc then: slower and more memory, never a failed run
+        print(f"host allocator: could not start again on mimalloc ({exc}); the system's malloc", file=sys.stderr)

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import sftune.training.offload as offload
+import sftune.host.offload as offload
 from sftune.config import TrainConfig
-from sftune.training.offload import OffloadedAdamW, moment_slices
+from sftune.host.offload import OffloadedAdamW, moment_slices
 from sftune.training.optim import build_optimizer, build_scheduler
-from tests.recipes.test_sft import tiny_config
+from tests.helpers import tiny_config
 
 SHAPES = {"embed": (300, 24), "w1": (24, 48), "w2": (48, 24), "norm": (24,), "bias": (48,), "head": (7, 24)}
 
