@@ -82,7 +82,7 @@ done = subprocess.run([sys.executable, "-m", "sftune.cli", "train", path, *spec.
                       capture_output=True, text=True)
 if done.returncode != 0:
     sys.exit(done.stdout[-3000:] + done.stderr[-3000:])
-allocator = next((l.split(": ", 1)[1] for l in done.stdout.splitlines() if l.startswith("host allocator: ")), "?")
+allocator = next((l.split(" -> ", 1)[1] for l in done.stdout.splitlines() if l.startswith("setting train.host_allocator: ")), "?")
 resolved = yaml.safe_load(open(os.path.join(spec["out"], "config.yaml")))  # the run's 'auto' settings, as resolved
 print("RESOLVED " + json.dumps({"lora.base_dtype": resolved["lora"]["base_dtype"],
                                 "train.gradient_checkpointing": resolved["train"]["gradient_checkpointing"],

@@ -168,20 +168,21 @@ def add_nproc(command: argparse.ArgumentParser) -> None:
     )
 
 
-def run_train(args: argparse.Namespace) -> None:
-    from sftune.recipes.sft import train
-
+def run_training(args: argparse.Namespace) -> int | None:
+    """`sftune train` and `sftune dpo`: the config loaded once; on N local processes under torchrun, or in this
+    process (started again on mimalloc first, where it can be)."""
     overrides = list(args.overrides) + (["output.overwrite=true"] if args.overwrite else [])
-    result = train(load_config(args.config, overrides), resume=args.resume, resume_changed=args.resume_changed)
+    config = load_config(args.config, overrides)  # a config error is reported once, before any launch
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_processes(args.nproc, args.argv)
+    restart_on_allocator(config.train, args.argv)  # the command itself only: never a caller's process
+    if args.command == "train":
+        from sftune.recipes.sft import train as recipe
+    else:
+        from sftune.recipes.dpo import train_dpo as recipe
+    result = recipe(config, resume=args.resume, resume_changed=args.resume_changed)
     print(f"done: {result.global_step} steps, final loss {result.final_loss}, model in {result.model_dir}")
-
-
-def run_dpo(args: argparse.Namespace) -> None:
-    from sftune.recipes.dpo import train_dpo
-
-    overrides = list(args.overrides) + (["output.overwrite=true"] if args.overwrite else [])
-    result = train_dpo(load_config(args.config, overrides), resume=args.resume, resume_changed=args.resume_changed)
-    print(f"done: {result.global_step} steps, final loss {result.final_loss}, model in {result.model_dir}")
+    return None
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -272,8 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     args = parse_arguments(build_parser(), arguments)
     handlers = {
-        "train": run_train,
-        "dpo": run_dpo,
+        "train": run_training,
+        "dpo": run_training,
         "generate": run_generate,
         "chat": run_chat,
         "eval": run_eval,
@@ -281,12 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": run_demo,
         "data": run_data,
     }
+    args.argv = arguments  # what a launch under torchrun or a restart on another malloc runs again
     try:
-        if args.command in ("train", "dpo"):
-            config = load_config(args.config, list(args.overrides))  # a config error is reported once, up front
-            if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-                return launch_processes(args.nproc, arguments)
-            restart_on_allocator(config.train, arguments)  # the command itself only: never a caller's process
         code = handlers[args.command](args)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)

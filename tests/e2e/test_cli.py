@@ -6,25 +6,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
-
-import yaml
 
 from sftune.cli import main
 from sftune.host.allocator import mimalloc_library
 from tests.conftest import REPO
-
-
-def write_config(tmp_path: Path, model_dir: Path, train_file: Path, **train) -> Path:
-    config = {
-        "model": {"name_or_path": str(model_dir)},
-        "data": {"train": str(train_file)},
-        "train": {"max_steps": 3, "micro_batch_size": 2, "learning_rate": 1e-3, "progress": False, **train},
-        "output": {"dir": str(tmp_path / "run")},
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+from tests.e2e.helpers import write_config
 
 
 def test_train_on_alpaca_json_then_generate(tmp_path, tiny_model_dir, capsys):
@@ -63,7 +49,7 @@ def test_console_script_runs_in_a_fresh_process(tmp_path, tiny_model_dir):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     if mimalloc_library() is not None:  # the command started itself again on mimalloc (host/allocator.py)
-        assert "host allocator: mimalloc" in done.stdout
+        assert "setting train.host_allocator: auto -> mimalloc" in done.stdout
     again = subprocess.run(
         [sys.executable, "-m", "sftune.cli", "train", str(config)], env=env, capture_output=True, text=True, timeout=300
     )

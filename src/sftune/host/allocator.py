@@ -77,19 +77,20 @@ def relaunch_environment(train: TrainConfig) -> dict[str, str] | None:
     return environment
 
 
-def describe_allocator(train: TrainConfig) -> str:
-    """The run log's line on the host allocator."""
+def allocator_reason(train: TrainConfig) -> str:
+    """Why this process runs on the malloc it runs on (active_allocator): the run log's reason."""
     if active_allocator() == "mimalloc":
-        return "host allocator: mimalloc (train.host_allocator)"
+        return "preloaded when the command started"
     library = mimalloc_library()
-    if train.host_allocator == "system" or (train.host_allocator == "auto" and library is None):
-        return "host allocator: the system's malloc (train.host_allocator)"
+    if train.host_allocator == "system":
+        return "asked for"
+    if library is None:
+        return f"mimalloc is not installed ({MIMALLOC_PACKAGE}, Linux)"
     if is_started_again():
-        return f"host allocator: the system's malloc (LD_PRELOAD={os.environ.get('LD_PRELOAD')} did not load)"
+        return f"LD_PRELOAD={os.environ.get('LD_PRELOAD')} did not load"
     return (
-        "host allocator: the system's malloc, not mimalloc: a run started from Python keeps its process's malloc "
-        f"(`sftune train` starts itself on mimalloc; here, start Python with LD_PRELOAD={library}) for lower peak "
-        "memory and faster CPU steps"
+        "a run started from Python keeps its process's malloc: `sftune train` starts itself on mimalloc; here, start "
+        f"Python with LD_PRELOAD={library} for lower peak memory and faster CPU steps"
     )
 
 

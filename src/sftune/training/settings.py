@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from sftune.config import Config
-from sftune.host.allocator import active_allocator, mimalloc_library
+from sftune.host.allocator import active_allocator, allocator_reason
 from sftune.host.memory import available_memory_bytes, is_ram_backed
 from sftune.model.load import bf16_supported
 from sftune.model.memory import ESTIMATE_MARGIN, GIB, strategy_for
@@ -114,7 +114,9 @@ def resolve_settings(
             )
         )
         train = train.model_copy(update={"release_freed_memory": False})
-    decisions.append(Decision("train.host_allocator", active_allocator(), allocator_reason(), train.host_allocator))
+    decisions.append(
+        Decision("train.host_allocator", active_allocator(), allocator_reason(train), train.host_allocator)
+    )
     dpo = config.dpo
     if objective == "dpo" and dpo.reference == "auto" and dpo.loss != "simpo":  # simpo: reference-free
         dpo = dpo.model_copy(update={"reference": decide("dpo.reference", *dpo_reference(config, continued_adapter))})
@@ -209,14 +211,6 @@ def needs_offload(
 
 def strategy_for_train(train: Any) -> str:
     return "ddp" if train.strategy == "auto" else train.strategy
-
-
-def allocator_reason() -> str:
-    if active_allocator() == "mimalloc":
-        return "preloaded when the command started"
-    if mimalloc_library() is None:
-        return "mimalloc is not installed (cmeel-mimalloc, Linux)"
-    return "a run started from Python keeps its process's malloc; `sftune train` starts itself on mimalloc"
 
 
 def dpo_reference(config: Config, continued_adapter: bool) -> tuple[str, str]:
