@@ -362,7 +362,7 @@ def main() -> None:
         f"data {source.name}, {args.steps} steps of micro-batch {args.micro_batch_size} x accumulation "
         f"{args.accumulation}, max length {args.max_length}, fp32, LoRA r=16 all-linear dropout 0; "
         "TRL defaults: padded batches, gradient checkpointing; sftune defaults: padding-free rows, chunked loss, "
-        "fused LoRA, lora.base_dtype and train.gradient_checkpointing auto (resolved values below the table)"
+        "lora.base_dtype and train.gradient_checkpointing auto (resolved values below the table)"
         + (f"; sftune overrides: {' '.join(args.sftune_override)}" if args.sftune_override else "")
         + ("; TRL with use_liger_kernel=True" if args.trl_liger else "")
         + (f"; model {args.model}" if args.model else "")

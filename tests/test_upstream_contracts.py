@@ -10,8 +10,6 @@ public does the job, exercised here by name, so that an upgrade that changes one
   layer object; replacing it would not reach PEFT).
 - model/lora.py: torchao's NF4 from torchao.quantization.quantize_.workflows.nf4 (to_nf4), and
   NF4Tensor.__tensor_flatten__ for the bytes an NF4 weight really holds.
-- model/fused_lora.py: PEFT's LoraConfig._register_custom_module (PEFT builds FusedLoraLinear, its own lora.Linear
-  with another forward), lora.Linear._cast_input_dtype, and the layer's lora_variant / lora_bias.
 - model/blocks.py decoder_layers: transformers' PreTrainedModel._no_split_modules, which modules are the decoder
   blocks (FSDP2's units, compile).
 """
@@ -26,7 +24,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from sftune.host.offload import OffloadedAdamW
 from sftune.model.blocks import decoder_layers
 from sftune.model.frozen_base import LowPrecisionLinear, cast_frozen_base
-from sftune.model.fused_lora import FusedLoraLinear, group_shared_inputs, register_fused_layers
 from sftune.model.lora import nf4_weight_memory
 from sftune.training.optim import fused_kernel_applies
 
@@ -96,16 +93,3 @@ def test_transformers_models_name_their_decoder_blocks():
     model = LlamaForCausalLM(TINY)
     assert "LlamaDecoderLayer" in model._no_split_modules
     assert len(decoder_layers(model)) == TINY.num_hidden_layers
-
-
-def test_peft_builds_the_fused_lora_layers_through_its_custom_module_hook():
-    config = peft.LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj"])
-    register_fused_layers(config)
-    model = peft.get_peft_model(LlamaForCausalLM(TINY), config)
-    layers = [m for m in model.modules() if isinstance(m, FusedLoraLinear)]
-    assert len(layers) == 3 * TINY.num_hidden_layers
-    layer = layers[0]
-    assert "default" not in layer.lora_variant and layer.lora_bias["default"] is False
-    x = torch.ones(2, TINY.hidden_size, dtype=torch.bfloat16)
-    assert layer._cast_input_dtype(x, torch.float32).dtype == torch.float32
-    assert group_shared_inputs(model) == TINY.num_hidden_layers

@@ -1,6 +1,6 @@
 """One typed config schema for YAML files, dotted command-line overrides and the Python API.
 
-Every field's description doubles as its command-line help (`sftune train --help-config`).
+Every field's description doubles as its command-line help (`sftune train --help` lists them all).
 Unknown keys and wrong types are errors that name the key and suggest the closest valid one.
 """
 
@@ -43,7 +43,9 @@ class ModelConfig(_Section):
         description="Local HF folder, hub id, .gguf file, or the named default 'smollm2-135m-instruct'.",
     )
     dtype: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="Dtype the model is saved and run in; auto = bf16 where the CPU/GPU supports it."
+        "auto",
+        description="Dtype the trained model is saved in (the default of output.save_dtype); auto = bf16 where the "
+        "CPU/GPU supports it. Training loads the weights in fp32 (bf16 under bf16-true): see train.precision.",
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped with a hub repo (off by default).")
     allow_pickle: bool = Field(
@@ -114,9 +116,9 @@ class LoraConfig(_Section):
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r.")
     use_dora: bool = Field(False, description="DoRA: learn a magnitude vector on top of the LoRA direction.")
     fuse_shared_inputs: bool = Field(
-        True,
-        description="Compute the adapters that read one input (q/k/v, gate/up) as one product and add each update "
-        "into the base output in one step; same results as PEFT, saved as PEFT adapters (dropout: one mask per input).",
+        False,
+        description="Deprecated and ignored (PEFT's own LoRA layers are used; what the fused adapter products "
+        "bought: bench/results/lora_fusion.md). Kept so that older configs load; removed in 0.3.",
     )
     base_dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto",
@@ -167,9 +169,10 @@ class TrainConfig(_Section):
     )
     lean_activations: bool = Field(
         True,
-        description="Save each decoder block's norm outputs and its gated MLP's act(gate) and act(gate)*up for "
-        "backward as recipes, recomputed there from inputs kept anyway (element-wise work only, same gradients "
-        "bit for bit): about 40% less activation memory. Not used with gradient checkpointing or train.compile.",
+        description="Selective activation checkpointing of each decoder block: keep only its matrix products' and "
+        "attention's outputs for backward and recompute the element-wise work between them there (norms, "
+        "activations, LoRA dropout; same gradients bit for bit): less activation memory for a little compute "
+        "(measured: bench/results/lean_activations.md). Not used with gradient checkpointing or train.compile.",
     )
     memory_budget_gib: float | None = Field(
         None,
@@ -180,8 +183,9 @@ class TrainConfig(_Section):
     offload_optimizer_state: bool | Literal["auto"] = Field(
         "auto",
         description="Keep AdamW's two moments in a file in the run folder, in memory only while a slice of them is "
-        "updated: 8 bytes less per trainable weight at the peak (1.0 GiB for a 135M model, full fine-tuning), the "
-        "same updates bit for bit, for reading and writing that file once per step. auto: on for full fine-tuning on "
+        "updated: 8 bytes less per trainable weight at the peak, the same updates bit for bit, for reading and "
+        "writing that file once per step (measured: bench/results/compare-full-offload.md, "
+        "bench/results/memory_limit.md). auto: on for full fine-tuning on "
         "a CPU where the memory estimate (x1.25) is above train.memory_budget_gib or the memory available to the run "
         "(cgroup limits included), with the run folder not on tmpfs; true: CPU parameters only.",
     )
@@ -195,21 +199,22 @@ class TrainConfig(_Section):
     progress: bool = Field(True, description="Show a progress bar.")
     release_freed_memory: bool = Field(
         False,
-        description="CPU: return freed activation memory to the OS at once (glibc mmap threshold fixed at 128 KiB). "
-        "Peak RSS on the default model's bench: LoRA 4.76 -> 2.70 GiB, full 5.1 -> 4.4 GiB, for about 25% more CPU "
-        "time (every step's activations are faulted in afresh).",
+        description="Deprecated: ignored, mimalloc (train.host_allocator) returns freed memory. Kept so that older "
+        "configs load (what it did: bench/results/compare-release-freed-memory.md).",
     )
     host_allocator: Literal["auto", "mimalloc", "system"] = Field(
         "auto",
         description="malloc of the training process: mimalloc (package cmeel-mimalloc, Linux) keeps peak memory "
-        "near the live tensors and runs CPU training faster than glibc's (bench: LoRA -35% peak RSS, 1.38x "
-        "tokens/s); `sftune train` starts itself on it. auto = mimalloc where installed; system = the OS's malloc.",
+        "near the live tensors and runs CPU training faster than glibc's (measured: "
+        "bench/results/memory_profile.md); `sftune train` starts itself on it. auto = mimalloc where installed; "
+        "system = the OS's malloc.",
     )
     compile: bool = Field(
         False,
         description="Compile each decoder block with torch.compile (one compiled block shared by all, shapes "
         "dynamic): fuses the element-wise work around the matrix products. Costs start-up time (the first "
-        "micro-batches compile, see the README's numbers) and needs a C++ compiler on a CPU; off by default.",
+        "micro-batches compile; measured: bench/results/compare-compile.md) and needs a C++ compiler on a CPU; off "
+        "by default.",
     )
     strategy: Literal["auto", "ddp", "fsdp2"] = Field(
         "auto",

@@ -11,7 +11,7 @@ from sftune.config import load_config
 from sftune.model.frozen_base import LowPrecisionLinear, cast_frozen_base, frozen_base_dtype
 from sftune.model.load import load_model
 from sftune.model.lora import save_trained
-from tests.model.helpers import adapters, batch, fused_and_peft_pair, loss_and_gradients
+from tests.model.helpers import adapter_pair, adapters, batch, loss_and_gradients
 
 CPU = torch.device("cpu")
 
@@ -22,7 +22,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def bf16_and_fp32_pair(model_dir):
     """The same random adapters on a bf16 frozen base and on the fp32 one."""
-    low, exact = fused_and_peft_pair(model_dir, "lora")
+    low, exact = adapter_pair(model_dir, "lora")
     assert cast_frozen_base(low, torch.bfloat16) == 2 * 7  # every block linear (2 layers x 7), nothing else
     return low, exact
 

@@ -44,11 +44,11 @@ def test_memory_estimate_orders_full_lora_qlora():
     for method in ("full", "lora", "qlora"):  # the CPU load peak (mapped file + weights) is a floor for every method
         assert memory[f"{method}_gib"] >= memory["runtime_gib"] + memory["loading_gib"] - 1e-3
 
-    # LoRA dropout keeps a copy of every adapted input, once per shared input with the fused adapters (the default):
-    # q/k/v one, gate/up one, o and down one each = (3 x 576 + 1536) values + mask bytes per layer and token.
+    # LoRA dropout keeps a copy of every adapted input (PEFT: one per adapter), q/k/v/gate/up/o 576 values each and
+    # down 1536 = (6 x 576 + 1536) values + mask bytes per layer and token.
     dropout = load_config({"data": {"train": "x.json"}, "lora": {"dropout": 0.05}})
     with_dropout = estimate_memory(model_config, dropout, micro_batch_tokens=2048)
-    added = 2048 * 30 * (3 * 576 + 1536) * 5 / 2**30
+    added = 2048 * 30 * (6 * 576 + 1536) * 5 / 2**30
     assert with_dropout["lora_gib"] - memory["lora_gib"] == pytest.approx(added, abs=2e-3)
     assert with_dropout["full_gib"] == memory["full_gib"]
 
@@ -105,25 +105,6 @@ def test_memory_per_process_follows_the_strategy_and_world_size():
     assert ddp["full_gib"] - single["full_gib"] == pytest.approx(params * 4 / 2**30, abs=0.01)  # the buckets
 
 
-def test_dropout_copies_follow_lora_fusion():
-    """Unfused, each adapter keeps its own dropout copy of its input; fused, one copy per shared input (q/k/v one,
-    gate/up one), so the estimate counts 4 inputs per layer instead of 7."""
-    from sftune.model.memory import estimate_dropout_bytes
-
-    model_config = LlamaConfig(**SMOLLM2)
-    per_adapter, fused = (
-        estimate_dropout_bytes(
-            model_config,
-            100,
-            load_config({"data": {"train": "x.json"}, "lora": {"dropout": 0.1, "fuse_shared_inputs": f}}),
-        )
-        for f in (False, True)
-    )
-    hidden, inter = 576, 1536
-    assert per_adapter == 100 * 30 * (6 * hidden + inter) * 5
-    assert fused == 100 * 30 * (3 * hidden + inter) * 5
-
-
 def test_a_bf16_frozen_base_halves_the_block_linears_in_the_lora_estimate():
     model_config = LlamaConfig(**SMOLLM2)
     estimates = {}
@@ -160,7 +141,7 @@ def test_offloaded_moments_leave_the_estimate(capsys, monkeypatch):
 
 
 def test_moment_slice_constant_matches_the_optimizer():
-    from sftune.model.memory import MOMENT_SLICE_BYTES
     from sftune.host.offload import MOMENT_SLICE_BYTES as OPTIMIZER_SLICE
+    from sftune.model.memory import MOMENT_SLICE_BYTES
 
     assert MOMENT_SLICE_BYTES == OPTIMIZER_SLICE

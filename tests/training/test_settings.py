@@ -119,8 +119,11 @@ def test_deprecated_release_freed_memory_is_ignored_and_said():
     result = resolve_settings(config(release_freed_memory=True), CPU)
     assert result.config.train.release_freed_memory is False
     assert "deprecated" in {d.key: d.reason for d in result.decisions}["train.release_freed_memory"]
+    fused = resolve_settings(load_config({"data": {"train": "x.json"}, "lora": {"fuse_shared_inputs": True}}), CPU)
+    assert fused.config.lora.fuse_shared_inputs is False and "lora.fuse_shared_inputs" in decided(fused)
 
 
+@pytest.mark.integration
 def test_a_run_prints_and_records_every_decision(tmp_path, tiny_model_dir, capsys):
     """The run log says each `auto` with its reason; config.yaml holds the value the run used with the same reason
     beside it, and loads back as a config."""
@@ -142,6 +145,7 @@ def test_a_run_prints_and_records_every_decision(tmp_path, tiny_model_dir, capsy
     assert load_config(str(result.run_dir / "config.yaml")).train.precision == written["train"]["precision"]
 
 
+@pytest.mark.integration
 def test_a_dpo_run_records_its_reference_decision(tmp_path, tiny_model_dir, capsys):
     result = train_dpo(dpo_config(tmp_path, tiny_model_dir, max_steps=1))
     assert "setting dpo.reference: auto -> adapter_off" in capsys.readouterr().out

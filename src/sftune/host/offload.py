@@ -6,8 +6,8 @@ here they are views into a shared mapping of a file in the run folder, and the u
 at a time (about MOMENT_SLICE_BYTES of moments), faulting that slice's pages in first and dropping them from the
 process after (madvise MADV_DONTNEED on a shared mapping: the values stay in the file). The kernel keeps the file
 in its page cache while RAM is free and writes it back; under memory pressure the next update reads it from disk.
-Peak memory falls by 8 bytes per trainable weight (1.0 GiB for a 135M model) for a file of that size, read and
-written once per optimizer step (its dirty pages are written back about every 30 s).
+Peak memory falls by 8 bytes per trainable weight for a file of that size, read and written once per optimizer
+step (the kernel writes its dirty pages back on its own schedule; measured: bench/results/compare-full-offload.md).
 
 The update of each slice is torch's own AdamW (the fused kernel where it applies): the same numbers bit for bit as
 an in-memory AdamW, and the same state_dict layout, so checkpoints resume with or without the offload.

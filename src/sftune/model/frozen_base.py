@@ -7,9 +7,9 @@ state, the norms, the embeddings and the output layer (and with it the loss) sta
 
 Each frozen linear keeps its module (and its PEFT wrapper), only its class becomes `LowPrecisionLinear`: the
 input is cast to the weight's dtype for the product, the output back to the input's dtype. Every path that
-calls the base layer (the fused adapters, PEFT's own forward, the adapter switched off for a DPO reference)
+calls the base layer (PEFT's own forward, the adapter switched off for a DPO reference)
 therefore works unchanged. What it costs: the base product is rounded to bf16 (8-bit mantissa), as in any bf16
-run; measured on the bench (bench/results/compare.md) the loss after 8 steps moves by well under 1%.
+run (the losses measured beside the fp32 base: bench/results/memory_profile.md).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def cast_frozen_base(model: torch.nn.Module, dtype: torch.dtype) -> int:
 def copy_out_of_checkpoint(model: torch.nn.Module) -> None:
     """Give the parameters and buffers left in the training precision memory of their own. Loaded in the
     checkpoint's dtype they may still point into its memory-mapped file, and while one tensor does, the whole
-    mapping stays, with every page the cast above read (the fp32 base: 0.5 GiB for the default model) counted in
+    mapping stays, with every page the cast above read counted in
     the process's resident memory. Copies are made in place (`.data`), so every reference stays valid."""
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.dtype.is_floating_point and type(tensor) in (torch.nn.Parameter, torch.Tensor):

@@ -19,7 +19,6 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from sftune.config import Config, LoraConfig, UserError
-from sftune.model.fused_lora import group_shared_inputs, register_fused_layers
 from sftune.model.load import load_model, resolve_model_path
 from sftune.model.save import normal_permissions, save_model_folder
 
@@ -52,18 +51,8 @@ def prepare_model(model: Any, config: Config, added_token_ids: list[int] | None 
 
 
 def apply_lora(model: Any, lora: LoraConfig, added_token_ids: list[int]) -> Any:
-    """Wrap the target linears with LoRA; PEFT freezes every other parameter. With lora.fuse_shared_inputs the
-    adapters that read one input share one product (model/fused_lora.py); DoRA keeps PEFT's own layers."""
-    peft_config = build_peft_config(lora, added_token_ids)
-    fuse = lora.fuse_shared_inputs and not lora.use_dora
-    if lora.fuse_shared_inputs and lora.use_dora:
-        print("note: lora.fuse_shared_inputs is not implemented for DoRA; using PEFT's own DoRA layers")
-    if fuse:
-        register_fused_layers(peft_config)
-    model = peft.get_peft_model(model, peft_config)
-    if fuse:
-        print(f"LoRA: {group_shared_inputs(model)} groups of adapters that share an input computed as one product each")
-    return model
+    """Wrap the target linears with PEFT's LoRA layers; PEFT freezes every other parameter."""
+    return peft.get_peft_model(model, build_peft_config(lora, added_token_ids))
 
 
 def build_peft_config(lora: LoraConfig, added_token_ids: list[int]) -> peft.LoraConfig:

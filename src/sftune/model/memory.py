@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from sftune.config import Config
-from sftune.model.fused_lora import SHARED_INPUT_GROUPS
 from sftune.model.lean_activations import is_used as is_lean
 
 # Python + torch + transformers + peft after import, before any model (CPU, measured by bench/methods.py).
@@ -18,8 +17,8 @@ RUNTIME_BYTES = int(0.35 * 1024**3)
 GIB = 1024**3
 CHUNK_LOGITS_BYTES = 8 * 1024 * 1024 * 4  # training/loss.py CHUNK_LOGITS fp32 values (a test keeps them equal)
 MOMENT_SLICE_BYTES = 64 * 1024 * 1024  # host/offload.py's slice of AdamW moments (a test keeps them equal)
-# What the estimate leaves out (allocator pages, autograd's bookkeeping): full fine-tuning of the bench model peaked
-# 0.5 GiB (~25%) above it, in memory and offloaded; deciding to offload is cheaper than being killed for memory.
+# What the estimate leaves out (allocator pages, autograd's bookkeeping): the measured peak of full fine-tuning sits
+# above it (bench/results/memory_limit.md); deciding to offload is cheaper than being killed for memory.
 ESTIMATE_MARGIN = 1.25
 
 
@@ -80,14 +79,16 @@ def estimate_activation_bytes(
     padding_free: bool = True,
     lean: bool = False,
 ) -> int:
-    """fp32 tensors kept for backward, per token: ~(10 hidden + 4 intermediate) per layer, (8 hidden + 2
-    intermediate) with lean activations (model/lean_activations.py: no norm outputs, no act(gate) or act(gate)*up);
-    with padded batches also the attention scores and probabilities (heads x sequence length; padding-free rows use
-    the fused kernel, which keeps neither). Logits: one chunk of the chunked head + loss (training/loss.py; its
-    softmax and gradient are written over it)."""
+    """fp32 tensors kept for backward, per token: ~(10 hidden + 4 intermediate) per layer; with lean activations
+    (model/lean_activations.py) the block's input, its attention output and the output of each of its linears (LoRA's
+    rank-r products aside); with padded batches also the attention scores and probabilities (heads x sequence
+    length; padding-free rows use the fused kernel, which keeps neither). Logits: one chunk of the chunked head +
+    loss (training/loss.py; its softmax and gradient are written over it)."""
     hidden, inter, layers = model_config.hidden_size, model_config.intermediate_size, model_config.num_hidden_layers
     scores = 0 if padding_free else 2 * model_config.num_attention_heads * sequence_length
-    per_layer = ((8 * hidden + 2 * inter) if lean else (10 * hidden + 4 * inter)) * 4 + scores * 4
+    linears = block_linears(model_config)  # lean: input + attention output (o_proj's input) + every linear's output
+    kept = hidden + linears["o_proj"][0] + sum(out for _, out in linears.values()) if lean else 10 * hidden + 4 * inter
+    per_layer = kept * 4 + scores * 4
     kept_layers = 1 if gradient_checkpointing else layers
     checkpoints = layers * hidden * 4 if gradient_checkpointing else 0
     return int(tokens * (kept_layers * per_layer + checkpoints) + CHUNK_LOGITS_BYTES)
@@ -101,10 +102,7 @@ def estimate_dropout_bytes(model_config: Any, tokens: int, config: Config) -> in
     shapes = block_linears(model_config)
     targets, _ = lora_targets(model_config, config.lora.target_modules)
     layers = 1 if config.train.gradient_checkpointing is True else model_config.num_hidden_layers
-    copies = {name: name for name in targets}
-    if config.lora.fuse_shared_inputs:  # one dropout copy per shared input (model/fused_lora.py)
-        copies |= {name: group[0] for group in SHARED_INPUT_GROUPS for name in group if name in copies}
-    return int(tokens * layers * sum(shapes[name][0] for name in set(copies.values())) * 5)
+    return int(tokens * layers * sum(shapes[name][0] for name in targets) * 5)
 
 
 def estimate_memory(
@@ -136,7 +134,9 @@ def estimate_memory(
     activations = estimate_activation_bytes(
         model_config, micro_batch_tokens, gc_on, length, config.train.padding_free, lean
     )
-    adapter_activations = activations + estimate_dropout_bytes(model_config, micro_batch_tokens, config)
+    # a lean block recomputes LoRA dropout's copies in backward (model/lean_activations.py): it keeps none
+    dropout = 0 if lean else estimate_dropout_bytes(model_config, micro_batch_tokens, config)
+    adapter_activations = activations + dropout
     base_bytes = 2 if config.train.precision == "bf16-true" else 4  # the weights as trained (model/setup.py)
     frozen_linear_bytes = 2 if config.lora.base_dtype == "bf16" else base_bytes  # lora: model/frozen_base.py
     loading = params["total"] * (checkpoint_bytes_per_parameter(model_config) + base_bytes)

@@ -75,7 +75,9 @@ def setup_model(
     if config.train.compile:
         print(f"torch.compile: {compile_blocks(model)} decoder blocks, compiled at their first micro-batches")
     elif is_lean(config.train):
-        blocks, gated = make_activations_lean(model)
-        print(f"lean activations: norm outputs of {blocks} decoder blocks and act(gate)*up of {gated} gated MLPs "
-              "recomputed in backward instead of kept (train.lean_activations)")  # fmt: skip
+        blocks = make_activations_lean(model)
+        print(
+            f"lean activations: {blocks} decoder blocks keep their matrix products and attention for backward and "
+            "recompute their element-wise work (selective activation checkpointing, train.lean_activations)"
+        )
     return model

@@ -70,8 +70,8 @@ class TokenLoss:
         return F.cross_entropy(self.head(selected).float(), targets[keep], reduction="sum")
 
 
-# Logits held at once by the chunked head + loss: chunk rows x vocabulary fp32 values (32 MiB; 170 rows of a
-# 49k vocabulary: as fast as 64 MiB chunks on a 2-core CPU, 16 MiB ones cost 25% more time in the head).
+# Logits held at once by the chunked head + loss: chunk rows x vocabulary fp32 values (32 MiB: as fast as larger
+# chunks, where smaller ones cost time in the head; bench/results/memory_profile.md).
 CHUNK_LOGITS = 8 * 1024 * 1024
 
 

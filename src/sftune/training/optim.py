@@ -40,9 +40,8 @@ def build_optimizer(
 
 def fused_kernel_applies(params: list[torch.Tensor]) -> bool:
     """Whether AdamW's fused kernel (one pass per parameter) takes these: plain floating-point tensors on a device
-    it has a kernel for. The same update as the default multi-tensor one, 10x faster on a CPU (0.08 against 0.85 s
-    for the 135M weights of full fine-tuning, about a tenth of the step); sharded FSDP2 parameters (DTensors) keep
-    the default."""
+    it has a kernel for. The same update as the default multi-tensor one, several times faster on a CPU
+    (bench/results/step-profile.md); sharded FSDP2 parameters (DTensors) keep the default."""
     supported = getattr(torch.utils._foreach_utils, "_get_fused_kernels_supported_devices", lambda: ["cpu", "cuda"])
     devices = set(supported())
     return bool(params) and all(

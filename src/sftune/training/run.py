@@ -117,6 +117,7 @@ RESUME_FREE_KEYS = {
               "num_threads", "device", "memory_budget_gib",
               "release_freed_memory", "lean_activations", "host_allocator", "offload_optimizer_state"},
     "output": {"dir", "overwrite", "save_dtype"},
+    "lora": {"fuse_shared_inputs"},  # deprecated, ignored
     "eval": None,  # the whole section
     "generate": None,
     "data": {"train", "validation"},  # the paths: their content is compared through data_sha256

@@ -114,6 +114,9 @@ def resolve_settings(
             )
         )
         train = train.model_copy(update={"release_freed_memory": False})
+    if lora.fuse_shared_inputs:
+        decisions.append(Decision("lora.fuse_shared_inputs", False, "deprecated and ignored", True))
+        lora = lora.model_copy(update={"fuse_shared_inputs": False})
     decisions.append(
         Decision("train.host_allocator", active_allocator(), allocator_reason(train), train.host_allocator)
     )
@@ -124,7 +127,7 @@ def resolve_settings(
     if save_dtype == "auto":
         save_dtype = decide("output.save_dtype", *saved_dtype(config.model.dtype, device))
     output = config.output.model_copy(update={"save_dtype": save_dtype})
-    final = resolved.model_copy(update={"train": train, "dpo": dpo, "output": output})
+    final = resolved.model_copy(update={"train": train, "lora": lora, "dpo": dpo, "output": output})
     return Settings(final, precision, decisions, memory)
 
 
