@@ -234,7 +234,7 @@ def _load_gguf(path: Path) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
             quantization_config=GgufConfig(dequantize=True),
         )
     except ImportError as exc:
-        raise ModelLoadError(f"reading '{path}' needs the gguf package: pip install "gguf>=0.17.1" ({exc})") from exc
+        raise ModelLoadError(f"reading '{path}' needs the gguf package: pip install 'gguf>=0.17.1' ({exc})") from exc
     except (ValueError, OSError, KeyError, NotImplementedError) as exc:
         raise ModelLoadError(
             f"transformers {transformers.__version__} could not load the GGUF file '{path}': "
