@@ -1,4 +1,5 @@
-"""Shared fixtures: offline, single-threaded, tiny models built from configs, real tokenizers from ../shared."""
+"""Shared fixtures: offline, single-threaded, tiny models built from configs, real tokenizers from ../shared; and
+each test's tier (pytest_collection_modifyitems below)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,38 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+# ------------------------------------------------------------------------------------------------------ test tiers
+# Every test gets exactly one tier, by this rule:
+#   slow         marked @pytest.mark.slow at the test (or `pytestmark` of its file): it loads the real default
+#                model, kills and resumes a run for minutes, builds and installs a wheel, ...;
+#   integration  marked @pytest.mark.integration at the test, or in a folder of INTEGRATION_FOLDERS: it trains a
+#                tiny model end to end (train(), train_dpo()) or runs the CLI, in process or in a subprocess;
+#   unit         everything else.
+# tests/test_tiers.py checks that a file outside those folders which trains or runs the CLI marks those tests.
+# `make test` runs unit + integration (-m "not slow"), `make test-slow` the slow tier; `pytest -m unit` is the quick
+# loop while editing a component.
+TIERS = ("unit", "integration", "slow")
+INTEGRATION_FOLDERS = {
+    "tests/e2e/": "the command line, end to end",
+    "tests/recipes/": "the recipes: training runs on a tiny model",
+}
+
+
+def tier_of(item: pytest.Item) -> str:
+    marked = [tier for tier in TIERS if item.get_closest_marker(tier)]
+    if len(marked) > 1:
+        raise pytest.UsageError(f"{item.nodeid} is marked {' and '.join(marked)}: a test has one tier, keep one mark")
+    if marked:
+        return marked[0]
+    path = item.path.resolve().relative_to(REPO).as_posix()
+    return "integration" if path.startswith(tuple(INTEGRATION_FOLDERS)) else "unit"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by these marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(tier_of(item))
 
 
 def shared_path(*parts: str) -> Path:

@@ -57,6 +57,7 @@ def test_yaml_paths_resolve_relative_to_the_file(tmp_path):
     assert load_config(tmp_path / "run.yaml").data.train == str(tmp_path / "rows.jsonl")
 
 
+@pytest.mark.integration
 def test_python_api_accepts_the_same_config(tiny_model_dir, tmp_path):
     import sftune
 

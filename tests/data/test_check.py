@@ -21,19 +21,8 @@ from sftune.data.masking import build_example
 from sftune.data.templates import ChatTemplate, resolve_template
 from sftune.data.types import IGNORE_INDEX, Conversation, Example, Message
 from tests.conftest import shared_path
-from tests.data.test_masking import CONVERSATION, llama2_template
+from tests.data.helpers import CONVERSATION, TOOL_CALL, TOOLS, llama2_template
 
-TOOL_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather of a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-    }
-]
 TOOL_CONVERSATION = Conversation(
     [
         Message("user", "What is the weather in Paris?"),

@@ -11,7 +11,7 @@ from sftune.data.masking import build_example
 from sftune.data.templates import ChatTemplate, install_template, render, resolve_template
 from sftune.data.types import Conversation, Example, Message
 from tests.conftest import shared_path
-from tests.data.test_masking import CONVERSATION
+from tests.data.helpers import CONVERSATION
 
 TOOL_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]

@@ -13,7 +13,7 @@ from sftune.data.inspect import (
 )
 from sftune.data.masking import build_example
 from sftune.data.templates import resolve_template
-from tests.data.test_masking import ASSISTANT, CONVERSATION
+from tests.data.helpers import ASSISTANT, CONVERSATION
 
 
 def chatml_example(tokenizer):

@@ -9,18 +9,7 @@ from sftune.data.masking import build_example
 from sftune.data.templates import ChatTemplate, TemplateError, resolve_template
 from sftune.data.types import IGNORE_INDEX, Conversation, Example, Message, Rejection
 from tests.conftest import shared_path
-
-CONVERSATION = Conversation(
-    [
-        Message("system", "You answer briefly."),
-        Message("user", "Hi there, who are you?"),
-        Message("assistant", "I am a small assistant."),
-        Message("user", "What is 2+2?"),
-        Message("assistant", "2+2 is 4."),
-    ],
-    source="test:1",
-)
-ASSISTANT = [m.content for m in CONVERSATION.messages if m.role == "assistant"]
+from tests.data.helpers import ASSISTANT, CONVERSATION, llama2_template
 
 
 def supervised_segments(tokenizer, example: Example) -> list[str]:
@@ -40,11 +29,6 @@ def supervised_segments(tokenizer, example: Example) -> list[str]:
 def assert_label_invariants(example: Example) -> None:
     assert len(example.labels) == len(example.input_ids)
     assert all(label in (IGNORE_INDEX, token) for token, label in zip(example.input_ids, example.labels, strict=True))
-
-
-def llama2_template() -> ChatTemplate:
-    raw = shared_path("tokenizers", "llama2", "llama-2-chat.jinja").read_text()
-    return ChatTemplate("llama-2-chat", "".join(line.strip() for line in raw.splitlines()))
 
 
 def test_chatml_with_pad_equal_eos_trains_the_end_token(smollm2_tokenizer):

@@ -20,9 +20,7 @@ from sftune.data.types import IGNORE_INDEX
 from sftune.infer.generate import prompt_ids
 from sftune.infer.prompts import PromptSettings, read_prompt_rows
 from tests.conftest import shared_path
-from tests.data.test_check import TOOLS
-
-TOOL_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+from tests.data.helpers import TOOL_CALL, TOOLS
 
 
 def qwen():

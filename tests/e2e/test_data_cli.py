@@ -11,12 +11,7 @@ from sftune.config import load_config
 from sftune.recipes.sft import train
 from sftune.training.run import RunError
 from tests.conftest import REPO
-from tests.e2e.test_cli import write_config
-
-NO_END_TOKEN = (
-    "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
+from tests.e2e.helpers import NO_END_TOKEN, write_config
 
 
 def test_data_check_prints_summary_and_writes_report_and_rejects(tmp_path, tiny_model_dir, capsys):

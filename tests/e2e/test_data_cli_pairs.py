@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 
 from sftune.cli import main
-from tests.e2e.test_cli import write_config
-from tests.e2e.test_data_cli import NO_END_TOKEN
+from tests.e2e.helpers import NO_END_TOKEN, write_config
 
 SUPERVISED = "\x1b[1;42;30m"
 USER = {"role": "user", "content": "Say hi"}

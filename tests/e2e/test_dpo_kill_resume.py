@@ -19,13 +19,14 @@ from safetensors.torch import load_file
 from sftune.model.load import CACHE_ENV
 from sftune.recipes.dpo import train_dpo
 from tests.conftest import REPO
-from tests.e2e.test_kill_resume import metric_lines
-from tests.recipes.test_dpo import dpo_config
+from tests.e2e.helpers import metric_lines
+from tests.helpers import dpo_config
 
 KILLS = 3
 STEPS = 10
 
 
+@pytest.mark.slow  # a long kill-and-resume test: per method an uninterrupted run and 4 launches of the CLI
 @pytest.mark.parametrize(("method", "weights"), [("full", "model.safetensors"), ("lora", "adapter_model.safetensors")])
 def test_kill_minus_nine_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch, method, weights):
     settings = {"method": method, "max_steps": STEPS, "checkpoint_every": 1, "num_threads": 1, "learning_rate": 1e-3}

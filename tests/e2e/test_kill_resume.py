@@ -17,13 +17,10 @@ from safetensors.torch import load_file
 
 from sftune.recipes.sft import train
 from tests.conftest import REPO
+from tests.e2e.helpers import metric_lines
 from tests.helpers import tiny_config
 
 KILLS = 20
-
-
-def metric_lines(path) -> int:
-    return path.read_text().count("\n") if path.exists() else 0
 
 
 @pytest.mark.slow

@@ -141,6 +141,7 @@ def test_refuses_amsgrad_gpu_and_sharded_parameters(tmp_path):
         build_optimizer([("w", sharded)], TrainConfig(offload_optimizer_state=True), tmp_path)
 
 
+@pytest.mark.integration
 def test_training_run_with_offloaded_moments_equals_the_plain_run_and_resumes_either_way(tmp_path, tiny_model_dir):
     """The whole recipe: the same losses and weights with and without the offload; the offloaded run's step-3
     checkpoint resumes, offloaded or not, to the uninterrupted run's final weights."""

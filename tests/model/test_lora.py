@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sftune.config import Config, ConfigError, load_config
+from sftune.config import ConfigError
 from sftune.model.load import load_model, load_tokenizer
 from sftune.model.lora import (
     count_trainable_parameters,
@@ -19,11 +19,9 @@ from sftune.model.lora import (
     load_merged,
     merge_adapter,
     nf4_scaler_block_size,
-    prepare_model,
     quantize_base_to_nf4,
     save_trained,
 )
-
 from tests.model.helpers import batch, method_config, prepared
 
 TOLERANCE = 1e-4

@@ -76,9 +76,9 @@ def test_memory_estimate_counts_only_the_modules_lora_targets():
     assert every["qlora_gib"] > q_v["qlora_gib"]
     assert every["full_gib"] == q_v["full_gib"]  # full fine-tuning has no adapters
     assert q_v["lora_target_modules"] == ["q_proj", "v_proj"]
-    # Dropout copies: in_features per shared input (q and v read the same hidden state: one copy), 5 bytes per value.
+    # Dropout copies: in_features per adapted linear (PEFT keeps one per adapter), 5 bytes per value.
     no_dropout = memory(["q_proj", "v_proj"], dropout=0.0)
-    added = 2048 * layers * hidden * 5 / 2**30
+    added = 2048 * layers * 2 * hidden * 5 / 2**30  # a dropout copy of the input of q and of v (PEFT: one each)
     assert q_v["lora_gib"] - no_dropout["lora_gib"] == pytest.approx(added, abs=2e-3)
     # A path suffix matches as PEFT matches it; a name that is no block linear is reported, not silently counted.
     assert lora_targets(model_config, ["self_attn.q_proj", "c_attn"]) == (["q_proj"], ["c_attn"])

@@ -21,13 +21,13 @@ from sftune.model.load import CACHE_ENV
 from sftune.model.lora import apply_lora
 from sftune.recipes.dpo import train_dpo
 from sftune.training.loss import TokenLoss
-from sftune.training.reference import precompute_reference
 from sftune.training.preference import (
     PreferenceLoss,
     make_pair_batch,
     preference_loss,
     sequence_logps,
 )
+from sftune.training.reference import precompute_reference
 from tests.helpers import QUESTIONS, dpo_config, write_pairs
 
 

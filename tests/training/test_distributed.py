@@ -116,6 +116,7 @@ def single_runs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     return runs
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, tiny_model_dir, single_runs, strategy, method):
@@ -146,6 +147,7 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, tiny_mode
             )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_qlora_on_two_ranks_equals_one_rank(tmp_path, tmp_path_factory, strategy):
     """QLoRA: DDP keeps the 4-bit base on every rank (never broadcast: NF4 would not survive it); FSDP2 shards it
@@ -171,6 +173,7 @@ def test_fsdp2_refuses_4bit_weights_it_cannot_shard_evenly(tiny_model_dir):
     check_nf4_shardable(model, 1)
 
 
+@pytest.mark.integration
 def test_a_two_process_run_killed_and_resumed_ends_as_the_uninterrupted_one(tmp_path, tiny_model_dir):
     settings = {"strategy": "fsdp2", "max_steps": 12}
     uninterrupted = run_two_processes(write_config(tmp_path, tiny_model_dir, "whole", "lora", **settings))

@@ -14,6 +14,8 @@ from sftune.training import run as run_module
 from sftune.training.run import RunError
 from tests.helpers import dpo_config, tiny_config
 
+pytestmark = pytest.mark.integration  # every test runs train() or train_dpo()
+
 RECIPES = {
     "sft": lambda tmp_path, model_dir, **train_: train(tiny_config(tmp_path, model_dir, checkpoint_every=None,
                                                                    **train_)),

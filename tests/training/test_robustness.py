@@ -23,6 +23,8 @@ from sftune.training.step import NonFiniteError
 from tests.conftest import REPO
 from tests.helpers import tiny_config
 
+pytestmark = pytest.mark.integration  # train() crashed, signalled, resumed (one config check aside)
+
 
 def test_a_diverging_run_stops_at_the_first_non_finite_step_and_keeps_a_finite_checkpoint(tmp_path, tiny_model_dir):
     config = tiny_config(tmp_path, tiny_model_dir, learning_rate=1e6, max_steps=40, checkpoint_every=1, warmup_steps=0)

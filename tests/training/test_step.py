@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import random
-
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from sftune.data.batching import collate
-from sftune.data.types import IGNORE_INDEX, Example
+from sftune.data.types import IGNORE_INDEX
 from sftune.training.loss import TokenLoss, token_loss_sum
 from sftune.training.step import backward_window
 from tests.helpers import make_examples
