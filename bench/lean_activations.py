@@ -1,6 +1,6 @@
 """What lean activations keep between forward and backward, and what they cost, on one micro-batch in one process.
 
-    python bench/lean_activations.py [--method lora] [--repeats 3]
+    python bench/lean_activations.py [--method lora] [--lora-dropout 0.0] [--repeats 3]
     PYTHONPATH=/path/to/other/src python bench/lean_activations.py ...   # another implementation of the same API
 
 Loads the default model (SmolLM2-135M-Instruct, fp32; LoRA: r=16 all-linear on an fp32 base, as bench/compare.py),
@@ -75,11 +75,12 @@ def measure(model, inputs: dict) -> tuple[int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="lora", choices=["lora", "full"])
+    parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    config = load_config({"data": {"train": "unused.json"}, "train": {"method": args.method},
-                          "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}})  # fmt: skip
+    lora = {"r": 16, "alpha": 32, "dropout": args.lora_dropout, "target_modules": "all-linear"}
+    config = load_config({"data": {"train": "unused.json"}, "train": {"method": args.method}, "lora": lora})
     model = load_model(resolve_model_path("smollm2-135m-instruct"), torch.float32, "cpu", attn_implementation=ATTENTION)
     model.config.use_cache = False  # as model/setup.py sets it
     torch.manual_seed(0)
@@ -93,7 +94,10 @@ def main() -> None:
             results[name].append(measure(variant, inputs))
     import sftune.model.lean_activations as implementation
 
-    print(f"{args.method}, {TOKENS} tokens, sftune from {implementation.__file__}, load {os.getloadavg()[0]:.2f}")
+    print(
+        f"{args.method} (LoRA dropout {args.lora_dropout}), {TOKENS} tokens, sftune from {implementation.__file__}, "
+        f"load {os.getloadavg()[0]:.2f}"
+    )
     for name, runs in results.items():
         estimate = estimate_activation_bytes(model.config, TOKENS, False, TOKENS, True, lean=name == "lean")
         estimate -= CHUNK_LOGITS_BYTES  # no LM head here

@@ -15,6 +15,7 @@ from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel
 
+from sftune import __version__
 from sftune.config import (
     Config,
     ConfigError,
@@ -26,18 +27,21 @@ from sftune.config import (
 )
 from sftune.host.allocator import restart_on_allocator
 from sftune.host.launch import launch_processes
+from sftune.infer.types import GENERATION_FIELDS
 
 # Errors that are the user's to fix: printed as one clear message, never as a traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (UserError, FileNotFoundError)
 
 # Flags whose name is not the config field's.
 FLAG_NAMES = {"system_prompt": "--system", "answer_pattern": "--pattern"}
+FLAG_METAVARS = {"template": "NAME_OR_FILE"}
 # Fields of the eval section that only matter during training (generations at each evaluation).
 TRAINING_ONLY_EVAL_FIELDS = ("sample_prompts", "sample_max_new_tokens")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sftune", description="Supervised fine-tuning of causal language models.")
+    parser.add_argument("--version", action="version", version=f"sftune {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune a model from a YAML config")
@@ -50,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="resume even though the config differs from the checkpoint's in settings that break exactness",
     )
-    add_nproc(train)
+    add_nproc(train, "train")
     train.epilog = "config keys (section.key: description):\n" + describe_config()
     train.formatter_class = argparse.RawDescriptionHelpFormatter
 
@@ -60,14 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_argument("--resume", help="'auto' (newest checkpoint of the run) or a checkpoint folder")
     dpo.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     dpo.add_argument("--resume-changed", action="store_true", help="resume even though the config changed")
-    add_nproc(dpo)
+    add_nproc(dpo, "dpo")
 
-    generate = commands.add_parser("generate", help="generate a reply with the template saved at training")
+    generate = commands.add_parser(
+        "generate", help="generate a reply with the template saved at training (or --template for a base model)"
+    )
     generate.add_argument("model", help="run folder, model folder, .gguf file or named model")
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one user message; the reply is printed")
     source.add_argument("--input", help="JSONL/JSON/CSV of prompts (messages, prompt, question or instruction rows)")
-    generate.add_argument("--output", help="with --input: JSONL of {id, prompt, output, finished, num_tokens}")
+    generate.add_argument(
+        "--output",
+        help=f"with --input: JSONL, a line per row: {{{', '.join(GENERATION_FIELDS)}}} (prompt: the last user "
+        "message; messages: the whole prompt; reference: where the row has one)",
+    )
     add_section_flags(generate, GenerateConfig)
 
     evaluate = commands.add_parser("eval", help="metrics on held-out rows, optionally beside a baseline; a report")
@@ -107,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--ids", action="store_true", help="show token ids")
     inspect.add_argument("--boundaries", action="store_true", help="mark where each token starts with |")
     inspect.add_argument("--html", help="also write the examples as a self-contained HTML page to this file")
+    inspect.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="colour the trained tokens: auto = on a terminal only, not with NO_COLOR set; without colour they are "
+        "bracketed « »",
+    )
 
     demo = commands.add_parser("demo", help="fine-tune the default model on the shipped task; before/after table")
     demo.add_argument("--out", default="runs/demo", help="run folder (replaced if it exists)")
@@ -127,6 +144,7 @@ def add_section_flags(parser: argparse.ArgumentParser, section: type[BaseModel],
             FLAG_NAMES.get(name, "--" + name.replace("_", "-")),
             dest=name,
             default=None,
+            metavar=FLAG_METAVARS.get(name),
             choices=None if is_list else literal_choices(field.annotation),
             help=help_text.replace("%", "%%"),
         )
@@ -158,13 +176,14 @@ def describe_config() -> str:
     return "\n".join(lines)
 
 
-def add_nproc(command: argparse.ArgumentParser) -> None:
+def add_nproc(command: argparse.ArgumentParser, name: str) -> None:
     command.add_argument(
         "--nproc",
         type=int,
         default=1,
-        help="train on N processes of this machine (torchrun --standalone; train.strategy picks ddp or fsdp2). "
-        "Several machines: start `torchrun --nnodes ... --rdzv-endpoint ... -m sftune.cli train CONFIG` on each",
+        help="run on N processes of this machine (as torchrun --standalone would; train.strategy picks ddp or "
+        f"fsdp2). Several machines: start `torchrun --nnodes ... --rdzv-endpoint ... -m sftune.cli {name} CONFIG` "
+        "on each",
     )
 
 
@@ -238,13 +257,14 @@ def run_data(args: argparse.Namespace) -> int:
         report = run_check(config, args.rejects, args.json, args.world_size)
         print(report.to_text())
         return 1 if args.strict and report.failed_checks() else 0
-    inspect(config, args.n, args.ids, args.boundaries, args.html)
+    inspect(config, args.n, args.ids, args.boundaries, args.html, args.color)
     return 0
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from sftune.recipes.demo import demo
+    from sftune.recipes.demo import demo, demo_config
 
+    restart_on_allocator(demo_config(list(args.overrides)).train, args.argv)  # as `sftune train` does
     demo(args.out, list(args.overrides))
 
 
@@ -263,6 +283,11 @@ def quiet_library_import_noise() -> None:
     """torchao (imported by transformers) warns about CUDA-only kernels it cannot load on CPU: noise for users."""
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def other_rank() -> bool:
+    """A rank other than 0 of a distributed run: its messages would repeat rank 0's."""
+    return os.environ.get("RANK", "0") not in ("", "0")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -286,8 +311,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = handlers[args.command](args)
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if not other_rank():  # under --nproc, rank 0 says it once; the others exit with the same code, quietly
+            print(f"error: {exc}", file=sys.stderr)
         return int(getattr(exc, "exit_code", 2))
+    except KeyboardInterrupt as exc:  # a Ctrl-C outside training, or a second one inside (the first checkpoints)
+        if not other_rank():
+            how = (
+                f"a second {exc}, mid-step: the newest checkpoint is where --resume auto goes on"
+                if str(exc)
+                else "Ctrl-C"
+            )
+            print(f"\nstopped by {how}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 130))
     except OSError as exc:  # I/O the user can fix: permissions, a full or read-only disk, a path that is a file
         if os.environ.get("SFTUNE_DEBUG"):
             raise

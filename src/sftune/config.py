@@ -7,11 +7,12 @@ Unknown keys and wrong types are errors that name the key and suggest the closes
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class UserError(Exception):
@@ -30,8 +31,36 @@ METRIC_NAMES: tuple[str, ...] = get_args(MetricName)
 EXTRACTOR_NAMES: tuple[str, ...] = get_args(ExtractorName)
 
 
+# No setting needs a number beyond a 64-bit integer: a bigger one is a typo, and would overflow later (epochs x rows).
+LARGEST_NUMBER = 2**63 - 1
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")  # what data.train reads as a file
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _numbers_in_range(cls, value: Any) -> Any:
+        """Every number of every section is finite and fits 64 bits (.inf, .nan, a 400-digit integer are refused)."""
+        problem = _number_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+def _number_problem(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value} is not a finite number: give a plain number"
+    if isinstance(value, int) and abs(value) > LARGEST_NUMBER:
+        return f"a {len(str(abs(value)))}-digit integer is out of range (at most {LARGEST_NUMBER:,})"
+    if isinstance(value, (list, tuple, set)):
+        return next((p for p in map(_number_problem, value) if p), None)
+    if isinstance(value, dict):
+        return next((p for p in map(_number_problem, value.values()) if p), None)
+    return None
 
 
 SectionT = TypeVar("SectionT", bound=_Section)
@@ -253,10 +282,18 @@ class SamplingConfig(_Section):
     )
 
 
+# What --template means for every inference command: the names template.name takes in training.
+INFERENCE_TEMPLATE_HELP = (
+    "Chat template to prompt with instead of the one saved with the model, rendered as training with "
+    "template.name=NAME renders it: alpaca, chatml, llama3, mistral, auto, tokenizer, or a .jinja file."
+)
+
+
 class GenerateConfig(SamplingConfig):
     """`sftune generate` and `sftune chat`: their flags are these fields (--max-new-tokens, --system, ...)."""
 
     system_prompt: str | None = Field(None, description="System message for prompts that have none.")
+    template: str | None = Field(None, description=INFERENCE_TEMPLATE_HELP)
 
 
 class EvalConfig(SamplingConfig):
@@ -272,6 +309,9 @@ class EvalConfig(SamplingConfig):
     answer_pattern: str | None = Field(None, description="Regex for extractor=regex (group 1 if it has one).")
     max_rows: int | None = Field(None, gt=0, description="Evaluate only the first N rows.")
     report_samples: int = Field(8, ge=0, description="Prompts shown with both models' outputs in the report.")
+    template: str | None = Field(
+        None, description=f"{INFERENCE_TEMPLATE_HELP} For both models (sftune eval only; training uses template.name)."
+    )
     sample_prompts: int = Field(
         0, ge=0, description="During training: generate for the first N validation prompts at each evaluation."
     )
@@ -361,23 +401,47 @@ def _describe_error(error: Any) -> str:
     if error["type"] == "value_error":  # a rule across several keys of a section: its message says it all
         message = str(error["msg"]).removeprefix("Value error, ")
         return f"'{key}': {message}" if key else message
-    return f"'{key}': {error['msg']} (got {error.get('input')!r})"
+    return f"'{key}': {error['msg']} (got {_short_repr(error.get('input'))})"
 
 
-def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
-    """Build a Config from a nested dict, turning pydantic errors into one readable ConfigError."""
+def _short_repr(value: Any, limit: int = 80) -> str:
+    """The offending value as typed, cut short: a 4,300-digit number must not fill the screen."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for str()
+        return "a number too long to print"
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text):,} characters)"
+
+
+def validate_config(raw: dict[str, Any], source: str = "config", overrides: list[str] | None = None) -> Config:
+    """Build a Config from a nested dict, turning pydantic errors into one readable ConfigError. An error at a key
+    that a command-line override set names that override, not the file (the file is not where the typo is)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections (model, data, ...), got {type(raw).__name__}")
     unknown = [k for k in raw if k not in Config.model_fields]
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        lines = [_describe_error(e) for e in exc.errors()]
+        errors = [(tuple(e["loc"]), _describe_error(e)) for e in exc.errors()]
         if unknown:
-            lines = [ln for ln in lines if not ln.startswith("unknown key")] + [
-                _describe_error({"loc": (k,), "type": "extra_forbidden"}) for k in unknown
+            errors = [(loc, line) for loc, line in errors if not line.startswith("unknown key")] + [
+                ((k,), _describe_error({"loc": (k,), "type": "extra_forbidden"})) for k in unknown
             ]
-        raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(dict.fromkeys(lines))) from None
+        typed = {tuple(parse_override(text)[0]): text for text in overrides or []}
+        lines = [_blame(loc, line, typed) for loc, line in errors]
+        from_overrides = all(line.startswith("override '") for line in lines)
+        heading = "the command line" if from_overrides and typed else source
+        raise ConfigError(f"{heading}: invalid config:\n  " + "\n  ".join(dict.fromkeys(lines))) from None
+
+
+def _blame(loc: tuple[Any, ...], line: str, overrides: dict[tuple[Any, ...], str]) -> str:
+    """`line`, prefixed with the override that set the key at `loc` (or a section above it), if one did."""
+    for depth in range(len(loc), 0, -1):
+        text = overrides.get(tuple(str(p) for p in loc[:depth]))
+        if text is not None:
+            shown = text if len(text) <= 80 else f"{text[:60]}..."
+            return f"override '{shown}': {line}"
+    return line
 
 
 def validate_section(section: type[SectionT], values: dict[str, Any], source: str) -> SectionT:
@@ -400,7 +464,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         return path, yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': the value is not valid YAML ({exc}); quote it if it is text") from None
+        raise ConfigError(
+            f"override '{text[:80]}': the value is not valid YAML ({exc}); quote it if it is text"
+        ) from None
+    except ValueError:  # Python refuses to read an integer of more than 4,300 digits
+        raise ConfigError(f"override '{key.strip()}=...': the number ({len(value):,} digits) is out of range") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -435,12 +503,14 @@ def load_config(source: str | Path | dict[str, Any] | None = None, overrides: li
             raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}): re-save it with UTF-8 encoding") from None
         except RecursionError:
             raise ConfigError(f"{path}: nested too deeply to be a config") from None
+        except ValueError:  # an integer of more than 4,300 digits
+            raise ConfigError(f"{path}: a number in it is too long to be a setting (over 4,300 digits)") from None
         name = str(path)
         if isinstance(raw, dict):
             _resolve_relative_paths(raw, path.parent)
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: expected a mapping of sections (model, data, ...), got {type(raw).__name__}")
-    return validate_config(apply_overrides(raw, overrides or []), name)
+    return validate_config(apply_overrides(raw, overrides or []), name, overrides)
 
 
 def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
@@ -454,8 +524,14 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
         node = sections[section]
         value = node.get(key) if isinstance(node, dict) else None
         relative = isinstance(value, str) and value and not Path(value).is_absolute()
-        if relative and (not must_exist or (base / str(value)).exists()):
+        if relative and (not must_exist or (base / str(value)).exists() or _missing_data_file(section, str(value))):
             node[key] = str(base / str(value))  # type: ignore[index]
+
+
+def _missing_data_file(section: str, value: str) -> bool:
+    """A data path named like a file that exists neither beside the YAML nor in the working directory: resolved
+    from the YAML's folder anyway, so that the "does not exist" error shows where it was looked for."""
+    return section == "data" and Path(value).suffix.lower() in DATA_FILE_SUFFIXES and not Path(value).exists()
 
 
 def config_to_yaml(config: Config) -> str:

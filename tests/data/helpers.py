@@ -31,6 +31,18 @@ TOOLS = [
     }
 ]
 
+# A tool call and its result, then the answer: one row of the glaive tool-call data, by hand.
+TOOL_CONVERSATION = Conversation(
+    [
+        Message("user", "What is the weather in Paris?"),
+        Message("assistant", "", {"tool_calls": [TOOL_CALL]}),
+        Message("tool", '{"temperature": 21, "sky": "clear"}'),
+        Message("assistant", "It is 21 degrees and clear in Paris."),
+    ],
+    source="tool:1",
+    tools=TOOLS,
+)
+
 
 def llama2_template() -> ChatTemplate:
     raw = shared_path("tokenizers", "llama2", "llama-2-chat.jinja").read_text()

@@ -19,20 +19,9 @@ from sftune.data.dataset import build_examples
 from sftune.data.formats import read_conversations
 from sftune.data.masking import build_example
 from sftune.data.templates import ChatTemplate, resolve_template
-from sftune.data.types import IGNORE_INDEX, Conversation, Example, Message
+from sftune.data.types import IGNORE_INDEX, Example
 from tests.conftest import shared_path
-from tests.data.helpers import CONVERSATION, TOOL_CALL, TOOLS, llama2_template
-
-TOOL_CONVERSATION = Conversation(
-    [
-        Message("user", "What is the weather in Paris?"),
-        Message("assistant", "", {"tool_calls": [TOOL_CALL]}),
-        Message("tool", '{"temperature": 21, "sky": "clear"}'),
-        Message("assistant", "It is 21 degrees and clear in Paris."),
-    ],
-    source="tool:1",
-    tools=TOOLS,
-)
+from tests.data.helpers import CONVERSATION, TOOL_CONVERSATION, llama2_template
 
 
 def checks_by_name(checks):

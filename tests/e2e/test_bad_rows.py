@@ -97,9 +97,9 @@ def test_lora_run_with_bad_rows_and_a_rewriting_template_trains_every_turn(tmp_p
     result = train(config)
     counts = result.counts
     # Rows: 6 train (3 kept, 3 rejected) + 2 validation (1 kept, 1 rejected: the template raises on it).
-    assert counts["rows_in"] == 8 == counts["rows_trained"] + counts["rows_validation"] + counts["rows_rejected"]
-    assert (counts["rows_trained"], counts["rows_validation"], counts["rows_rejected"]) == (3, 1, 4)
-    assert counts["examples_trained"] == 5  # the 3-turn reasoning row became 3 examples
+    assert counts["rows_in"] == 8 == counts["rows_train"] + counts["rows_validation"] + counts["rows_rejected"]
+    assert (counts["rows_train"], counts["rows_validation"], counts["rows_rejected"]) == (3, 1, 4)
+    assert counts["examples_train"] == 5  # the 3-turn reasoning row became 3 examples
     assert counts["rejected_by_reason"] == {**dict.fromkeys(BAD, 1), "template_raised": 2}
     report = json.loads((result.run_dir / "data_report.json").read_text())
     assert report["validation"]["rejected_by_reason"] == {"template_raised": 1}

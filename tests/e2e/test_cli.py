@@ -26,7 +26,7 @@ def test_train_on_multi_turn_messages_jsonl(tmp_path, tiny_model_dir):
     config = write_config(tmp_path, tiny_model_dir, REPO / "examples" / "data" / "chat_tiny.jsonl")
     assert main(["train", str(config)]) == 0
     summary = json.loads((tmp_path / "run" / "data_summary.json").read_text())
-    assert summary["formats"] == {"messages": 4} and summary["rows_trained"] == 4
+    assert summary["formats"] == {"messages": 4} and summary["rows_train"] == 4
 
 
 def test_user_mistakes_are_one_clear_message(tmp_path, tiny_model_dir, capsys):

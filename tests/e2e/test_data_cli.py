@@ -50,10 +50,20 @@ def test_data_commands_report_user_mistakes_without_traceback(tmp_path, tiny_mod
 def test_data_inspect_terminal_and_html(tmp_path, tiny_model_dir, capsys):
     config = write_config(tmp_path, tiny_model_dir, REPO / "examples" / "data" / "alpaca_tiny.json")
     page = tmp_path / "inspect.html"
-    assert main(["data", "inspect", str(config), "-n", "2", "--ids", "--html", str(page)]) == 0
+    assert main(["data", "inspect", str(config), "-n", "2", "--ids", "--html", str(page), "--color", "always"]) == 0
     out = capsys.readouterr().out
     assert "legend:" in out and out.count("── alpaca_tiny.json") == 2 and "\x1b[1;42;30m" in out
     assert page.read_text().count("<h2>") == 2
+
+
+def test_data_inspect_into_a_file_has_no_colour_codes_and_brackets_the_trained_text(tmp_path, tiny_model_dir, capsys):
+    config = write_config(tmp_path, tiny_model_dir, REPO / "examples" / "data" / "alpaca_tiny.json")
+    assert main(["data", "inspect", str(config), "-n", "1"]) == 0  # captured: not a terminal
+    out = capsys.readouterr().out
+    assert "\x1b[" not in out and out.count("«") == out.count("»") >= 2  # the legend's pair and the reply's
+    body = out.split("\n", 2)[2]
+    trained = body[body.index("«") + 1 : body.index("»")]
+    assert trained.endswith("<|im_end|>") and "<|im_start|>" not in trained  # the reply and its end token only
 
 
 def test_training_writes_the_report_and_refuses_a_failed_mask_check(tmp_path, tiny_model_dir):

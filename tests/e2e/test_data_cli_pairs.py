@@ -55,7 +55,10 @@ def test_data_check_reports_pairs_checks_each_branch_and_rejects_bad_pairs(tmp_p
 def test_data_inspect_shows_both_branches_with_only_the_responses_supervised(tmp_path, tiny_model_dir, capsys):
     config, _ = write_pairs(tmp_path, tiny_model_dir)
     page = tmp_path / "inspect.html"
-    assert main(["data", "inspect", str(config), "template.name=chatml", "-n", "2", "--html", str(page)]) == 0
+    assert (
+        main(["data", "inspect", str(config), "template.name=chatml", "-n", "2", "--html", str(page), "--color=always"])
+        == 0
+    )
     out = capsys.readouterr().out
     headers = [line for line in out.splitlines() if line.startswith("── ")]
     assert [h.split(":")[1].split()[-1] for h in headers] == ["[chosen]", "[rejected]"] * 2

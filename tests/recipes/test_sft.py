@@ -25,7 +25,7 @@ def test_counts_add_up_and_outputs_are_complete(tmp_path, tiny_model_dir):
     result = train(tiny_config(tmp_path, tiny_model_dir))
     counts = result.counts
     assert counts["rows_in"] == 15
-    assert counts["rows_in"] == counts["rows_trained"] + counts["rows_validation"] + counts["rows_rejected"]
+    assert counts["rows_in"] == counts["rows_train"] + counts["rows_validation"] + counts["rows_rejected"]
     assert counts["rejected_by_reason"] == {"empty_response": 1}
     run = result.run_dir
     for name in ("manifest.json", "metrics.jsonl", "loss.png", "config.yaml", "rejected.jsonl", "model/config.json"):
@@ -52,7 +52,7 @@ def test_trains_the_examples_the_data_report_built_once(tmp_path, tiny_model_dir
     report = json.loads((run_dir / "data_report.json").read_text())
     summary = json.loads((run_dir / "data_summary.json").read_text())
     assert "examples" not in report and "rejections" not in report
-    assert report["rows_kept"] == summary["rows_trained"] == len(expected)  # the report is on the trained rows
+    assert report["rows_kept"] == summary["rows_train"] == len(expected)  # the report is on the trained rows
     assert report["tokens"] == summary["tokens"] and report["supervised_tokens"] == summary["supervised_tokens"]
     assert report["rows_in"] == summary["rows_in"] - summary["rows_validation"] == 15 - summary["rows_validation"]
     assert summary["rejected_by_reason"] == report["rejected_by_reason"] == {"empty_response": 1}  # counted once
@@ -75,7 +75,7 @@ def test_rows_dropped_on_reading_and_on_building_are_each_counted_once(tmp_path,
     counts = data.counts()
 
     assert counts["rows_in"] == 16 + 4
-    assert (counts["rows_trained"], counts["rows_validation"], counts["rows_rejected"]) == (14, 3, 3)
+    assert (counts["rows_train"], counts["rows_validation"], counts["rows_rejected"]) == (14, 3, 3)
     assert counts["rejected_by_reason"] == {"empty_response": 2, "too_long": 1}
     report = json.loads((run_dir / "data_report.json").read_text())
     assert (report["rows_in"], report["rows_kept"]) == (16, 14)

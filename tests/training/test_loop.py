@@ -10,7 +10,7 @@ import pytest
 
 from sftune.recipes.dpo import train_dpo
 from sftune.recipes.sft import train
-from sftune.training import run as run_module
+from sftune.training import run_folder
 from sftune.training.run import RunError
 from tests.helpers import dpo_config, tiny_config
 
@@ -38,8 +38,8 @@ def test_every_recipe_logs_every_log_every_steps_and_the_last(objective, tmp_pat
 @pytest.mark.parametrize("objective", sorted(RECIPES))
 def test_every_recipe_refuses_a_full_disk_before_step_1(objective, tmp_path, tiny_model_dir, monkeypatch):
     disk = namedtuple("usage", "total used free")
-    monkeypatch.setattr(run_module.shutil, "disk_usage", lambda path: disk(10**12, 10**12 - 1024, 1024))
-    with pytest.raises(RunError, match="GiB free"):
+    monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda path: disk(10**12, 10**12 - 1024, 1024))
+    with pytest.raises(RunError, match="KiB free, and this run still needs about"):
         RECIPES[objective](tmp_path, tiny_model_dir, max_steps=2)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before any step
     assert not (tmp_path / "run" / "model").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,9 +104,10 @@ def test_a_pickle_payload_in_a_checkpoint_does_not_run(tmp_path, tiny_model_dir)
 def test_a_torn_last_metrics_line_and_a_crash_before_any_checkpoint_resume_cleanly(tmp_path, tiny_model_dir):
     config = tiny_config(tmp_path, tiny_model_dir, max_steps=3, checkpoint_every=None)
     train(config)
+    shutil.rmtree(tmp_path / "run" / "model")  # the process died before it saved, with no checkpoint
     metrics = tmp_path / "run" / "metrics.jsonl"
     with metrics.open("a") as f:
-        f.write('{"step": 4, "loss": 0.')  # the process died mid-write
+        f.write('{"step": 4, "loss": 0.')  # ... and mid-write
     result = train(config, resume="auto")  # no checkpoint: starts over, without the old records
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
     assert result.global_step == 3 and steps == [1, 2, 3]
@@ -207,7 +209,7 @@ def test_a_run_that_would_not_fit_on_disk_refuses_to_start(tmp_path, tiny_model_
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1024))
-    with pytest.raises(RunError, match=r"GiB free, and this run needs about"):
+    with pytest.raises(RunError, match=r"has 1 KiB free, and this run still needs about"):
         train(tiny_config(tmp_path, tiny_model_dir, max_steps=1))
     output = tmp_path / "file-not-folder"
     output.write_text("x")

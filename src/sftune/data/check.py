@@ -21,7 +21,7 @@ from sftune.data.dataset import DOUBLE_BOS, TEMPLATE_ERROR, BuiltExamples, build
 from sftune.data.formats import read_conversations
 from sftune.data.masking import HistoryRewrite, MaskMode, TruncationPolicy, has_double_bos, special_token_ids
 from sftune.data.prompt import prompt_for, prompt_ids
-from sftune.data.templates import ChatTemplate, TemplateError
+from sftune.data.templates import ChatTemplate, TemplateError, render
 from sftune.data.types import IGNORE_INDEX, Conversation, Example, Rejection
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ MASKING_METHOD = "incremental prefix rendering"
 # Checks that prove the loss mask is right; training refuses to start when one fails.
 MASK_CHECKS = ("end_token_supervised", "single_bos", "inference_parity")
 # Checks that warn: what they find trains consistently, but a person should know it.
-WARNING_CHECKS = ("role_header_not_supervised",)
+WARNING_CHECKS = ("role_header_not_supervised", "context_rendered")
 
 
 @dataclass
@@ -221,6 +221,9 @@ def check_mask(built: BuiltExamples, tokenizer: Any, template: ChatTemplate, mas
             failures["inference_parity"].append(example.source)
         if example.header_supervised:
             failures["role_header_not_supervised"].append(example.source)
+        dropped = dropped_context_turn(example, conversation, tokenizer, template)
+        if dropped is not None:
+            failures["context_rendered"].append(f"{example.source} ({dropped})")
     checked = len(built.examples) + len(built.rejections)
     return [_named_check(name, failures[name], checked) for name in (*MASK_CHECKS, *WARNING_CHECKS)]
 
@@ -285,6 +288,46 @@ def is_inference_consistent(
     return example.input_ids[: len(ids)] == ids and runs[-1][0] == len(ids)
 
 
+def dropped_context_turn(
+    example: Example, conversation: Conversation, tokenizer: Any, template: ChatTemplate
+) -> str | None:
+    """The first turn before the example's last supervised turn whose content (or tool call) the rendered prompt
+    does not show, as 'message 2, tool': the template dropped it from the context (None where every turn shows)."""
+    if conversation.text is not None or example.turn is None:
+        return None
+    prompt = prompt_for(conversation, example.turn)
+    try:
+        text = render(tokenizer, template, prompt.messages, add_generation_prompt=True, tools=prompt.tools)
+    except TemplateError:
+        return None  # inference_parity reports a prompt that cannot be rendered
+    for index, message in enumerate(prompt.messages):
+        if not all(is_shown(piece, text) for piece in shown_pieces(message)):
+            return f"message {index}, {message['role']}"
+    return None
+
+
+def shown_pieces(message: dict[str, Any]) -> list[str]:
+    """What of a message the rendered text must show: its content (of a reasoning reply, the answer after
+    '</think>': templates drop earlier turns' thinking on purpose) and the name of each tool it calls."""
+    content = message.get("content")
+    pieces = [content.rsplit("</think>", 1)[-1].strip()] if isinstance(content, str) else []
+    calls = message.get("tool_calls")
+    for call in calls if isinstance(calls, list) else []:
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        pieces.append(name if isinstance(name, str) else "")
+    return [piece for piece in pieces if piece]
+
+
+def is_shown(piece: str, text: str) -> bool:
+    """Is `piece` in the rendered text: as written, JSON-escaped (templates that `tojson` a tool result), or line by
+    line (a template that lays a row's fields out in sections, e.g. Alpaca's instruction and input)."""
+    escaped = (json.dumps(piece)[1:-1], json.dumps(piece, ensure_ascii=False)[1:-1])
+    if piece in text or any(form in text for form in escaped):
+        return True
+    return all(line.strip() in text for line in piece.splitlines() if line.strip())
+
+
 def _named_check(name: str, sources: list[str], checked: int) -> CheckResult:
     return _count_check(name, len(sources), checked, sources[0] if sources else "")
 
@@ -306,6 +349,8 @@ CHECK_DESCRIPTIONS = {
     "role_header_not_supervised": "the template has a generation prompt, so the assistant role header is prompt, not "
     "trained (where it has none, the model learns to write the header itself, as it must at inference)",
     "rows_have_supervised_tokens": "no row is left with nothing to train (e.g. after truncation)",
+    "context_rendered": "every earlier turn's content and tool call shows in the rendered prompt (a turn the template "
+    "does not render is missing from the context the model trains on, and from the prompt at inference alike)",
 }
 
 

@@ -8,10 +8,19 @@ and measured is exactly what is trained.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sftune.data.masking import HistoryRewrite, MaskMode, PrefixError, TruncationPolicy, build_example
+from sftune.data.masking import (
+    HistoryRewrite,
+    MaskMode,
+    PrefixError,
+    TruncationPolicy,
+    build_example,
+    find_special_text,
+    special_token_texts,
+)
 from sftune.data.templates import ChatTemplate, TemplateError, TemplateRenderError
 from sftune.data.types import Conversation, Example, Prompt, Rejection
 
@@ -19,6 +28,7 @@ DOUBLE_BOS = "double_bos"
 TEMPLATE_ERROR = "template_error"  # the template cannot render this row incrementally, not even turn by turn
 TEMPLATE_RAISED = "template_raised"  # the template's own code raised on this row (e.g. "roles must alternate")
 ROW_ERROR = "row_error"  # the tokenizer or anything else failed on this row
+SPECIAL_TOKEN_IN_CONTENT = "special_token_in_content"  # a message holds the text of a special token, e.g. '</s>'
 
 
 @dataclass
@@ -48,13 +58,19 @@ def build_examples(
     """Render, tokenize and mask each conversation; stop once `limit` examples are built (None: all).
 
     A row that cannot be built (two BOS tokens, a template that raises on it or cannot render it incrementally,
-    a tokenizer error) becomes a Rejection with its source and the reason, never an exception that stops the set.
+    a tokenizer error, a message holding a special token's text) becomes a Rejection with its source and the
+    reason, never an exception that stops the set.
     """
     built = BuiltExamples([], [], [])
     causes: Counter[str] = Counter()
-    for conversation in conversations:
+    special_texts = special_token_texts(tokenizer)
+    for conversation in rows_progress(conversations, limit):
         if limit is not None and len(built.examples) >= limit:
             break
+        found = None if conversation.text is not None else find_special_text(conversation, special_texts)
+        if found is not None:
+            built.rejections.append(special_token_rejection(conversation, found))
+            continue
         result = build_one(tokenizer, template, conversation, mask, max_length, truncation, history_rewrite, causes)
         if isinstance(result, Rejection):
             built.rejections.append(result)
@@ -68,6 +84,19 @@ def build_examples(
             built.expansion_extra_tokens += sum(len(e.input_ids) for e in examples[:-1])
     built.prefix_failures = dict(causes)
     return built
+
+
+# From this many rows on, rendering and masking every row takes long enough (seconds to minutes) to show a bar.
+PROGRESS_FROM_ROWS = 2000
+
+
+def rows_progress(conversations: list[Conversation], limit: int | None) -> Iterable[Conversation]:
+    """The conversations, behind a progress bar on stderr when there are many to build (and it is a terminal)."""
+    if limit is not None or len(conversations) < PROGRESS_FROM_ROWS:
+        return conversations
+    from tqdm.auto import tqdm
+
+    return tqdm(conversations, desc="checking rows", unit="row", leave=False, mininterval=1.0, disable=None)
 
 
 def build_one(
@@ -99,6 +128,16 @@ def build_one(
     return result
 
 
+def special_token_rejection(conversation: Conversation, found: str) -> Rejection:
+    return Rejection(
+        conversation.source,
+        SPECIAL_TOKEN_IN_CONTENT,
+        f"{conversation.source}: {found}, the text of a special token: the tokenizer reads it as that control token, "
+        "not as the characters written, so the model would see (and, in a reply, learn to write) the token mid-turn. "
+        "Remove or rewrite that text in the data (e.g. '< /s>')",
+    )
+
+
 @dataclass
 class PreparedData:
     """What will be trained and evaluated on, and everything that will not, with the reason."""
@@ -123,9 +162,9 @@ class PreparedData:
     def counts(self) -> dict[str, Any]:
         return {
             "rows_in": self.rows_in,
-            "rows_trained": len(self.train) if self.train_rows is None else self.train_rows,
+            "rows_train": len(self.train) if self.train_rows is None else self.train_rows,
             "rows_validation": len(self.validation) if self.validation_rows is None else self.validation_rows,
-            "examples_trained": len(self.train),
+            "examples_train": len(self.train),
             "examples_validation": len(self.validation),
             "rows_rejected": len(self.rejections),
             "rejected_by_reason": self.rejected_by_reason(),

@@ -8,6 +8,7 @@ preference pair is shown as its two branches, chosen then rejected.
 from __future__ import annotations
 
 import html
+import os
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,8 @@ SUPERVISED_ANSI = "\x1b[1;42;30m"  # black on green: trained
 PROMPT_ANSI = "\x1b[2m"  # dim: context only
 RESET_ANSI = "\x1b[0m"
 LEGEND = "legend: {sup}supervised (trained){reset}  {dim}context (not trained){reset}"
+# Without colour (output to a file or a pipe, NO_COLOR set, --color never), trained text is bracketed instead.
+SUPERVISED_PLAIN = ("«", "»")
 
 
 @dataclass(frozen=True)
@@ -58,18 +61,36 @@ def pair_branches(pair: PairExample) -> list[Example]:
     ]
 
 
-def render_example_ansi(example: Example, tokenizer: Any, ids: bool = False, boundaries: bool = False) -> str:
+def render_example_ansi(
+    example: Example, tokenizer: Any, ids: bool = False, boundaries: bool = False, colour: bool = True
+) -> str:
+    """The example as text: supervised pieces in colour, or between « and » when `colour` is off."""
     parts = [f"── {example.source or 'example'}: {len(example.input_ids)} tokens, {example.num_supervised} supervised"]
     body = []
     for piece in split_pieces(example, tokenizer, boundaries):
-        colour = SUPERVISED_ANSI if piece.supervised else PROMPT_ANSI
-        body.append(f"{colour}{_decorate(piece, ids, boundaries)}{RESET_ANSI}")
+        start, end = _marks(piece.supervised, colour)
+        body.append(f"{start}{_decorate(piece, ids, boundaries)}{end}")
     parts.append("".join(body))
     return "\n".join(parts)
 
 
-def render_legend_ansi() -> str:
+def render_legend_ansi(colour: bool = True) -> str:
+    if not colour:
+        return "legend: «supervised (trained)»  context (not trained), unmarked"
     return LEGEND.format(sup=SUPERVISED_ANSI, dim=PROMPT_ANSI, reset=RESET_ANSI)
+
+
+def use_colour(choice: str, stream: Any) -> bool:
+    """--color auto: colour only on a terminal, and never with NO_COLOR set (https://no-color.org)."""
+    if choice != "auto":
+        return choice == "always"
+    return bool(getattr(stream, "isatty", lambda: False)()) and not os.environ.get("NO_COLOR")
+
+
+def _marks(supervised: bool, colour: bool) -> tuple[str, str]:
+    if colour:
+        return (SUPERVISED_ANSI if supervised else PROMPT_ANSI), RESET_ANSI
+    return SUPERVISED_PLAIN if supervised else ("", "")
 
 
 def _decorate(piece: Piece, ids: bool, boundaries: bool) -> str:

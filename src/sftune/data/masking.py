@@ -52,6 +52,41 @@ def special_token_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
+def special_token_texts(tokenizer: Any) -> tuple[str, ...]:
+    """The literal texts the tokenizer reads as special (control) tokens: BOS, EOS, pad, unk and every added special
+    token (e.g. '<|im_end|>', '</s>'), longest first."""
+    texts = {str(token) for token in tokenizer.all_special_tokens}
+    texts.update(token.content for token in tokenizer.added_tokens_decoder.values() if token.special)
+    return tuple(sorted((text for text in texts if text), key=lambda text: (-len(text), text)))
+
+
+def find_special_text(conversation: Conversation, special_texts: tuple[str, ...]) -> str | None:
+    """Where a message (its content, or a string in its extras such as tool-call arguments) or the tools hold the
+    text of a special token: 'assistant message 3 contains '</s>'' (None where nothing does). The tokenizer would
+    read that text as the control token itself, mid-turn, not as the characters written."""
+    places: list[tuple[str, list[Any]]] = [
+        (f"{m.role} message {k}", [m.content, m.extra]) for k, m in enumerate(conversation.messages)
+    ]
+    places.append(("the tools", [conversation.tools]))
+    for place, values in places:
+        for text in _strings(values):
+            found = next((special for special in special_texts if special in text), None)
+            if found is not None:
+                return f"{place} contains {found!r}"
+    return None
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string inside nested lists and dicts (keys included)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for key, item in value.items() for s in (*_strings(key), *_strings(item))]
+    if isinstance(value, list | tuple):
+        return [s for item in value for s in _strings(item)]
+    return []
+
+
 def adds_bos(tokenizer: Any) -> bool:
     """Does the tokenizer put a BOS in front of plain text? Then rendered text needs one too (once)."""
     bos = tokenizer.bos_token_id
@@ -116,20 +151,44 @@ def turn_span(
     """The span turn i adds; it starts with the role header when the generation prompt adds nothing."""
     messages = [m.as_dict() for m in conversation.messages[:i]]
     no_generation_prompt = prompt == render(tokenizer, template, messages, False, conversation.tools)
-    content = content_range(upto, len(prompt), len(upto), conversation.messages[i].content)
+    specials = special_token_texts(tokenizer)
+    content = content_range(upto, len(prompt), len(upto), conversation.messages[i].content, specials)
     header = no_generation_prompt and content is not None and upto[len(prompt) : content[0]].strip() != ""
     return TurnSpan(i, len(prompt), len(upto), header)
 
 
-def content_range(text: str, start: int, end: int, content: str) -> tuple[int, int] | None:
-    """[start, end) of the turn's content within text[start:end] (its last occurrence: what follows the content is
-    scaffolding, what precedes it may be a role header that contains it), or None where it is not shown verbatim."""
+def content_range(
+    text: str, start: int, end: int, content: str, special_texts: tuple[str, ...] = ()
+) -> tuple[int, int] | None:
+    """[start, end) of the turn's content within text[start:end], or None where it is not shown verbatim.
+
+    Its last occurrence (what follows the content is scaffolding, what precedes it may be a role header that
+    contains it) among those that cut through no special token's text: a reply 'd' or 'end' also occurs inside
+    '<|end|>', and found there it would hide the end token that follows the real reply."""
+    specials = special_text_ranges(text, start, end, special_texts)
     for candidate in (content, content.strip()):
-        if candidate:
-            found = text.rfind(candidate, start, end)
-            if found >= 0:
+        stop = end
+        while candidate and (found := text.rfind(candidate, start, stop)) >= 0:
+            if not cuts_special(found, found + len(candidate), specials):
                 return found, found + len(candidate)
+            stop = found + len(candidate) - 1  # the next occurrence to the left
     return None
+
+
+def special_text_ranges(text: str, start: int, end: int, special_texts: tuple[str, ...]) -> list[tuple[int, int]]:
+    """[start, end) of every occurrence of a special token's text within text[start:end]."""
+    ranges = []
+    for special in special_texts:
+        found = text.find(special, start, end)
+        while found >= 0:
+            ranges.append((found, found + len(special)))
+            found = text.find(special, found + 1, end)
+    return ranges
+
+
+def cuts_special(start: int, end: int, specials: list[tuple[int, int]]) -> bool:
+    """Does [start, end) overlap a special token's text without holding all of it (a match inside '<|im_end|>')?"""
+    return any(s < end and start < e and not (start <= s and e <= end) for s, e in specials)
 
 
 def prefix_failure_cause(
@@ -186,6 +245,7 @@ def label_spans(
     text: str,
     conversation: Conversation,
     opening_specials: set[int] | None = None,
+    special_texts: tuple[str, ...] = (),
 ) -> Labels:
     """Labels for each token: each span's tokens up to and including its end-of-turn token."""
     labels = [IGNORE_INDEX] * len(ids)
@@ -195,7 +255,7 @@ def label_spans(
         in_span = [k for k in range(len(ids)) if _in(k, offsets, span.start, span.end)]
         if not in_span:
             continue
-        content = content_range(text, span.start, span.end, conversation.messages[span.index].content)
+        content = content_range(text, span.start, span.end, conversation.messages[span.index].content, special_texts)
         end = end_of_turn(ids, offsets, in_span, specials - (opening_specials or set()), content)
         if end is None:
             without_end += 1
@@ -287,7 +347,8 @@ def example_from_spans(
 ) -> Example | Rejection:
     ids, offsets = tokenize_rendered(tokenizer, text)
     opening = opening_special_ids(tokenizer, template, conversation)
-    result = label_spans(ids, offsets, spans, special_token_ids(tokenizer), text, conversation, opening)
+    specials, texts = special_token_ids(tokenizer), special_token_texts(tokenizer)
+    result = label_spans(ids, offsets, spans, specials, text, conversation, opening, texts)
     if result.empty_turns:
         return empty_turn_rejection(conversation, result.empty_turns[0])
     labels = list(ids) if mode == "all" else result.labels

@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sftune.config import UserError
+from sftune.config import DATA_FILE_SUFFIXES, UserError
 
 __all__ = ["DataError", "SUPPORTED_EXTENSIONS", "read_rows"]
 
-SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
+SUPPORTED_EXTENSIONS = DATA_FILE_SUFFIXES
 
 Row = dict[str, Any]
 
@@ -33,7 +33,11 @@ def read_rows(spec: str, split: str = "train") -> list[tuple[str, Any]]:
         rows = _read_file(path)
     elif path.suffix.lower() in SUPPORTED_EXTENSIONS:
         # Looks like a file name: a typo here should not turn into a confusing hub lookup.
-        raise DataError(f"data file '{spec}' does not exist: check the path (relative paths start from the YAML file)")
+        where = "" if path.is_absolute() else f", looked for at {path.resolve()} (the working directory)"
+        raise DataError(
+            f"data file '{spec}' does not exist{where}: check the path (paths in a YAML file start from "
+            "the YAML file's folder, paths on the command line from the working directory)"
+        )
     else:
         rows = _read_hub_dataset(spec, split)
     if not rows:

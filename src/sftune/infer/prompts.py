@@ -10,10 +10,8 @@ is the reference. Rows keep their `id` field, or get their file:line as id.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from sftune.config import ConfigError, load_config
 from sftune.data.formats import DataError, detect_format, to_conversation
 from sftune.data.prompt import can_be_answered, prompt_for
 from sftune.data.sources import read_rows
@@ -46,19 +44,6 @@ class PromptRow:
         return str(self.messages[-1]["content"])
 
 
-def run_prompt_settings(model_path: str, system_prompt: str | None = None) -> PromptSettings:
-    """The data settings of the run that trained `model_path` (its config.yaml), or the defaults for a plain model
-    folder; `system_prompt`, when given, replaces the run's."""
-    config_file = Path(model_path) / "config.yaml"
-    if not config_file.is_file():
-        return PromptSettings(system_prompt=system_prompt)
-    try:
-        data = load_config(config_file).data
-    except (ConfigError, OSError):
-        return PromptSettings(system_prompt=system_prompt)
-    return PromptSettings(data.format, dict(data.columns), system_prompt or data.system_prompt)
-
-
 def read_prompt_rows(
     spec: str, max_rows: int | None = None, system_prompt: str | None = None, settings: PromptSettings | None = None
 ) -> tuple[list[PromptRow], list[Rejection]]:
@@ -82,7 +67,7 @@ def to_prompt_row(
     settings = settings or PromptSettings(system_prompt=system_prompt)
     if not isinstance(row, dict):
         return Rejection(source, "wrong_type", f"a row must be an object, got a {type(row).__name__}", row)
-    fields = with_inference_aliases(row)
+    fields = with_inference_aliases(row, settings.columns)
     try:
         fmt = settings.format if settings.format != "auto" else detect_format(fields, settings.columns, False)
     except DataError:
@@ -104,13 +89,16 @@ def to_prompt_row(
     return PromptRow(str(row.get("id", source)), prompt, reference)
 
 
-def with_inference_aliases(row: dict[str, Any]) -> dict[str, Any]:
-    """`question` is a prompt and `answer`/`reference`/`response` a completion (GSM8K style rows)."""
+def with_inference_aliases(row: dict[str, Any], columns: dict[str, str] | None = None) -> dict[str, Any]:
+    """`question` is a prompt and `answer`/`reference`/`response` a completion (GSM8K style rows), unless the
+    run's data.columns map that column to a field of their own (then the columns decide, as in training)."""
     fields = dict(row)
-    if "prompt" not in fields and "instruction" not in fields and isinstance(fields.get("question"), str):
+    mapped = set((columns or {}).values())
+    question = fields.get("question") if "question" not in mapped else None
+    if "prompt" not in fields and "instruction" not in fields and isinstance(question, str):
         fields["prompt"] = fields.pop("question")
     if isinstance(fields.get("prompt"), str) and "completion" not in fields:
-        reference = reference_field(fields)
+        reference = reference_field({k: v for k, v in fields.items() if k not in mapped})
         if reference is not None:
             fields["completion"] = reference
     return fields

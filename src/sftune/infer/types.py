@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The fields of each line `sftune generate --input ... --output` writes (reference only where the row has one);
+# its --help lists these.
+GENERATION_FIELDS = ("id", "prompt", "messages", "output", "finished", "num_tokens", "reference")
+
 
 @dataclass(frozen=True)
 class Reply:

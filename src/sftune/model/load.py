@@ -6,6 +6,7 @@ Hugging Face folder (converted once, fp32 safetensors), a local folder stays as 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -13,7 +14,10 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +44,7 @@ __all__ = [
     "default_cache_dir",
     "load_model",
     "load_tokenizer",
+    "looks_like_local_path",
     "resolve_device",
     "resolve_dtype",
     "resolve_model_path",
@@ -148,9 +153,9 @@ def resolve_model_path(name_or_path: str, cache_dir: Path | None = None) -> str:
     if path.is_dir():
         _check_model_folder(path)
         return str(path)
-    if _looks_like_local_path(name_or_path):
+    if looks_like_local_path(name_or_path):
         raise ModelLoadError(
-            f"model folder '{name_or_path}' does not exist (and it is not a hub id of the form 'org/name'): "
+            f"no such folder: {name_or_path} (the path does not exist, and a hub id has the form 'org/name'): "
             "check model.name_or_path"
         )
     return name_or_path
@@ -184,9 +189,13 @@ def _check_model_folder(path: Path) -> None:
         )
 
 
-def _looks_like_local_path(text: str) -> bool:
-    # Hub ids are 'name' or 'org/name'; anything else can only have meant a path on this machine.
-    return text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or "\\" in text
+def looks_like_local_path(text: str) -> bool:
+    """True when `text` can only mean a path on this machine. Hub ids are 'name' or 'org/name'; a path starts with
+    '/', '.' or '~', has more than one '/', a backslash, starts with runs/ (where sftune writes its runs), or its
+    first part is a folder here (`runs/demo` beside a runs/ folder is that folder, not a hub repo)."""
+    if text.startswith(("/", ".", "~", "runs/")) or text.count("/") > 1 or "\\" in text:
+        return True
+    return "/" in text and Path(text.split("/", 1)[0]).is_dir()
 
 
 def _cached_conversion(gguf_path: Path, cache_dir: Path | None) -> Path:
@@ -305,6 +314,34 @@ def load_model(
     resolved = resolve_model_path(path)
     if allow_pickle:
         logger.warning("model.allow_pickle=true: weights may be read from pickle files, which can run code")
+    with load_notice(resolved):
+        model = _from_pretrained(resolved, dtype, trust_remote_code, revision, attn_implementation, allow_pickle)
+    # transformers wraps `to` with functools.wraps(nn.Module.to), which mypy reads as an unbound method
+    return model.to(device)  # type: ignore[arg-type]
+
+
+# Weights from this size on take seconds to minutes to read: the load is announced, and its time said after.
+NOTICE_FROM_BYTES = 1 << 30
+
+
+@contextlib.contextmanager
+def load_notice(resolved: str) -> Iterator[None]:
+    """A line before and after loading a big model (rank 0 only), so that a slow start is never a silent one."""
+    folder = Path(resolved)
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder.is_dir() else 0
+    shown = size >= NOTICE_FROM_BYTES and os.environ.get("RANK", "0") == "0"
+    if shown:
+        print(f"loading the model from {resolved} ({size / 2**30:.1f} GiB of weights)...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    yield
+    if shown:
+        print(f"model loaded in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+
+
+def _from_pretrained(
+    resolved: str, dtype: torch.dtype, trust_remote_code: bool, revision: str | None, attn_implementation: str,
+    allow_pickle: bool,
+) -> PreTrainedModel:  # fmt: skip
     try:
         model = AutoModelForCausalLM.from_pretrained(
             resolved,
@@ -329,8 +366,7 @@ def load_model(
                 "run by default: read that code, then set model.trust_remote_code=true if you trust it"
             ) from None
         raise
-    # transformers wraps `to` with functools.wraps(nn.Module.to), which mypy reads as an unbound method
-    return model.to(device)  # type: ignore[arg-type]
+    return model
 
 
 def _load_error(what: str, path: str, exc: Exception) -> ModelLoadError:

@@ -9,8 +9,6 @@ the base (never into 4-bit weights) and writes a plain Hugging Face folder.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from sftune.config import Config, LoraConfig, UserError
+from sftune.host.files import staged_folder
 from sftune.model.load import load_model, resolve_model_path
 from sftune.model.save import normal_permissions, save_model_folder
 
@@ -154,23 +153,19 @@ def save_adapter_folder(
 ) -> Path:
     """adapter_config.json + adapter_model.safetensors (PEFT key names), tokenizer with the chat template,
     generation_config.json that stops at every end-of-turn id. Written to a temporary sibling, then renamed."""
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
     for adapter_config in model.peft_config.values():
         adapter_config.base_model_name_or_path = base_path
-    # Rows of tokens the template added are in the adapter (trainable tokens); the base's other rows never
-    # changed, so the whole resized embedding matrix is not copied into it.
-    model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
-    tokenizer.save_pretrained(tmp)
     generation = GenerationConfig.from_dict(model.generation_config.to_dict())
     generation.eos_token_id = eos_ids if len(eos_ids) > 1 else eos_ids[0]
     generation.pad_token_id = tokenizer.pad_token_id
-    generation.save_pretrained(tmp)
-    (tmp / ADAPTER_METHOD).write_text(json.dumps({"method": method, "nf4_block_size": NF4_BLOCK_SIZE}, indent=2))
-    normal_permissions(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with staged_folder(out_dir) as tmp:
+        # Rows of tokens the template added are in the adapter (trainable tokens); the base's other rows never
+        # changed, so the whole resized embedding matrix is not copied into it.
+        model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+        tokenizer.save_pretrained(tmp)
+        generation.save_pretrained(tmp)
+        (tmp / ADAPTER_METHOD).write_text(json.dumps({"method": method, "nf4_block_size": NF4_BLOCK_SIZE}, indent=2))
+        normal_permissions(tmp)
     return out_dir
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sftune.host.files import staged_folder
 
 
 def generation_eos_ids(tokenizer: Any, seen_end_ids: set[int]) -> list[int]:
@@ -31,10 +32,8 @@ def normal_permissions(folder: Path) -> None:
 def save_model_folder(model: Any, tokenizer: Any, out_dir: Path, dtype: torch.dtype, eos_ids: list[int]) -> Path:
     """Weights (safetensors), config, generation_config with every end-of-turn id, tokenizer + chat template.
 
-    Written to a temporary sibling, then renamed, so a half-written folder never looks finished.
+    Written to a temporary sibling, then renamed, so a half-written folder never looks finished (host/files.py).
     """
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
     original_dtype = next(model.parameters()).dtype
     model.to(dtype)
     generation = model.generation_config
@@ -43,11 +42,11 @@ def save_model_folder(model: Any, tokenizer: Any, out_dir: Path, dtype: torch.dt
     model.config.eos_token_id = generation.eos_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = True
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    model.to(original_dtype)
-    normal_permissions(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    try:
+        with staged_folder(out_dir) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            normal_permissions(tmp)
+    finally:
+        model.to(original_dtype)
     return out_dir

@@ -4,13 +4,20 @@ training. Rows of preference pairs (a first row with 'chosen' and 'rejected') ar
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 from sftune.config import Config
 from sftune.data.check import DataReport, build_configured
 from sftune.data.formats import read_conversations
-from sftune.data.inspect import pair_branches, render_example_ansi, render_examples_html, render_legend_ansi
+from sftune.data.inspect import (
+    pair_branches,
+    render_example_ansi,
+    render_examples_html,
+    render_legend_ansi,
+    use_colour,
+)
 from sftune.data.pair_check import PairReport, check_pair_data
 from sftune.data.preference import PairExample, build_pair_examples, is_preference_data, read_pairs
 from sftune.data.templates import ChatTemplate
@@ -43,10 +50,15 @@ def run_check(
 
 
 def inspect(
-    config: Config, count: int, ids: bool = False, boundaries: bool = False, html: str | Path | None = None
+    config: Config,
+    count: int,
+    ids: bool = False,
+    boundaries: bool = False,
+    html: str | Path | None = None,
+    color: str = "auto",
 ) -> int:
     """Print the first `count` trainable examples (pairs: both branches of each) with their supervised tokens
-    highlighted; optionally as HTML. Returns how many examples were shown."""
+    highlighted (colour on a terminal, « » brackets elsewhere); optionally as HTML. Returns how many were shown."""
     pairs = is_preference_data(config.data.train)
     tokenizer, template = data_tokenizer(config, pairs)
     examples = (
@@ -54,9 +66,10 @@ def inspect(
         if pairs
         else first_examples(config, tokenizer, template, count)
     )
-    print(render_legend_ansi())
+    colour = use_colour(color, sys.stdout)
+    print(render_legend_ansi(colour))
     for example in examples:
-        print(render_example_ansi(example, tokenizer, ids, boundaries))
+        print(render_example_ansi(example, tokenizer, ids, boundaries, colour))
     if html:
         Path(html).write_text(render_examples_html(examples, tokenizer, ids, boundaries))
         print(f"wrote {html}")

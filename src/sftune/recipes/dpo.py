@@ -26,21 +26,21 @@ __all__ = ["reference_mode", "train_dpo"]
 
 
 def train_dpo(config: Config, resume: str | None = None, resume_changed: bool = False) -> TrainResult:
-    run = start_run(config, resume, resume_changed)  # device, processes, run folder, seed
-    start = setup_start(run.config, run.run_dir, run.info)  # an SFT adapter merged or continued
-    seed_everything(run.config.train.seed)  # again after the start: a merge done or reused draws no numbers
-    tokenizer, template = setup_tokenizer(start_config(run.config, start), adapter_tokenizer(start.adapter_dir))
-    pairs = setup_pairs(run.config, tokenizer, template)
-    run.resolve(None, continued_adapter=start.adapter_dir is not None, objective="dpo")  # every `auto`
-    publish_data(pairs, run.config, run.run_dir, None, write=run.info.is_main)
-    model_config = start_config(run.config, start)  # the resolved config, its weights from the starting point
+    with start_run(config, resume, resume_changed) as run:  # device, processes, run folder (locked), seed
+        start = setup_start(run.config, run.run_dir, run.info)  # an SFT adapter merged or continued
+        seed_everything(run.config.train.seed)  # again after the start: a merge done or reused draws no numbers
+        tokenizer, template = setup_tokenizer(start_config(run.config, start), adapter_tokenizer(start.adapter_dir))
+        pairs = setup_pairs(run.config, tokenizer, template)
+        run.resolve(None, continued_adapter=start.adapter_dir is not None, objective="dpo")  # every `auto`
+        publish_data(pairs, run.config, run.run_dir, None, write=run.info.is_main)
+        model_config = start_config(run.config, start)  # the resolved config, its weights from the starting point
 
-    def build_model() -> Any:
-        return setup_model(model_config, tokenizer, run.device, run.precision, start.adapter_dir, run.info.strategy)
+        def build_model() -> Any:
+            return setup_model(model_config, tokenizer, run.device, run.precision, start.adapter_dir, run.info.strategy)
 
-    model = build_model()
-    objective = PreferenceObjective.setup(model, pairs, run, start, model_config)
-    return fit(run, model, objective, tokenizer, template, rebuild=build_model, saved_config=model_config)
+        model = build_model()
+        objective = PreferenceObjective.setup(model, pairs, run, start, model_config)
+        return fit(run, model, objective, tokenizer, template, rebuild=build_model, saved_config=model_config)
 
 
 def setup_start(config: Config, run_dir: Path, info: Distributed = SINGLE) -> StartingPoint:

@@ -15,11 +15,13 @@ from typing import Any
 
 from sftune.config import ConfigError, EvalConfig, load_config, validate_section
 from sftune.data.dataset import build_examples
+from sftune.data.sources import SUPPORTED_EXTENSIONS
 from sftune.data.types import Conversation, Message
 from sftune.eval.metrics import check_extractor, score_generations
 from sftune.eval.report import ModelEval, write_report
-from sftune.infer.generate import generate_rows, load_for_inference, saved_template
-from sftune.infer.prompts import PromptRow, read_prompt_rows, run_prompt_settings
+from sftune.infer.generate import check_model_path, generate_rows, load_for_inference, saved_template
+from sftune.infer.prompts import PromptRow, read_prompt_rows
+from sftune.infer.run_settings import read_run_settings, run_folder_of
 from sftune.training.loss import TokenLoss, mean_token_loss
 from sftune.training.metrics import perplexity
 
@@ -38,9 +40,12 @@ def evaluate(
     """Score `model` (and `baseline`) on `data`; write eval_results.json, generations.jsonl and report.md/html."""
     if "exact_match" in config.metrics:
         check_extractor(config.extractor, config.answer_pattern)  # a bad regex fails before any model loads
+    for path in (model, baseline) if baseline else (model,):
+        check_model_path(path)
+    check_data_path(data)
     started = time.perf_counter()
     # Rows become prompts as the run's training rows did: its columns, format and system prompt.
-    rows, rejected = read_prompt_rows(data, config.max_rows, settings=run_prompt_settings(model))
+    rows, rejected = read_prompt_rows(data, config.max_rows, settings=read_run_settings(model).prompts)
     tuned = evaluate_one("model", model, rows, config, progress)
     # A base model with no chat template of its own is prompted with the tuned model's: the same prompts.
     evaluated = (
@@ -66,24 +71,36 @@ def evaluate(
 def resolve_eval_settings(
     model: str, config_path: str | None, overrides: list[str], out: str | None, flags: dict[str, Any] | None = None
 ) -> tuple[EvalConfig, Path, Path | None]:
-    """The eval section (from --config, else the run's own config.yaml, else defaults) with overrides, then flags,
-    applied; the output folder; and the run folder when `model` is one (its curves go into the report)."""
-    run_dir = Path(model) if (Path(model) / "config.yaml").is_file() else None
-    source = config_path or (run_dir / "config.yaml" if run_dir else None)
-    config = load_config(source if source else {"data": {"train": "unused"}}, overrides).eval
+    """The eval section (from --config, else the run's own, as its config.yaml or its model folder's
+    sftune_inference.json keeps it, else defaults) with overrides, then flags, applied; the output folder; and the
+    run folder when `model` is one or is its model/ (the run's curves go into the report)."""
+    check_model_path(model)
+    run_dir = run_folder_of(model)
+    if config_path:
+        config = load_config(config_path, overrides).eval
+    else:
+        config = load_config({"data": {"train": "unused"}, "eval": read_run_settings(model).eval}, overrides).eval
     if flags:
         config = validate_section(EvalConfig, {**config.model_dump(), **flags}, "sftune eval")
     if out is None and run_dir is None:
         raise ConfigError(f"'{model}' is not a run folder: pass --out DIR for the results and report")
-    return config, Path(out) if out else Path(model) / "eval", run_dir
+    return config, Path(out) if out else Path(run_dir or model) / "eval", run_dir
+
+
+def check_data_path(data: str) -> None:
+    """A --data value that names a file must be one (else it is read as a datasets name)."""
+    if Path(data).suffix.lower() in SUPPORTED_EXTENSIONS and not Path(data).is_file():
+        raise ConfigError(f"--data file '{data}' does not exist (a relative path starts from the working directory)")
 
 
 def evaluate_one(
     label: str, path: str, rows: list[PromptRow], config: EvalConfig, progress: bool, fallback_template: str = ""
 ) -> ModelEval:
     print(f"evaluating {label}: {path} on {len(rows)} rows")
-    model, tokenizer = load_for_inference(path, config.device, config.dtype)
-    template_source = "its own"
+    # --template prompts both models with it; else each its own, a baseline with none the tuned model's.
+    require = config.template is not None or not fallback_template
+    model, tokenizer = load_for_inference(path, config.device, config.dtype, config.template, require)
+    template_source = f"--template {config.template}" if config.template else "its own"
     if not getattr(tokenizer, "chat_template", None) and fallback_template:
         tokenizer.chat_template, template_source = fallback_template, "the tuned model's (it has none)"
     loss = response_loss(model, tokenizer, rows)

@@ -18,15 +18,15 @@ __all__ = ["TrainResult", "train"]
 
 
 def train(config: Config, resume: str | None = None, resume_changed: bool = False) -> TrainResult:
-    run = start_run(config, resume, resume_changed)  # device, processes, run folder, seed
-    tokenizer, template = setup_tokenizer(run.config)
-    data = setup_data(run.config, tokenizer, template)  # read, built and checked once
-    run.resolve(memory_estimator([len(e.input_ids) for e in data.train], run.info.world_size))  # every `auto`
-    publish_data(data, run.config, run.run_dir, run.memory, write=run.info.is_main)  # and its gates
+    with start_run(config, resume, resume_changed) as run:  # device, processes, run folder (locked), seed
+        tokenizer, template = setup_tokenizer(run.config)
+        data = setup_data(run.config, tokenizer, template)  # read, built and checked once
+        run.resolve(memory_estimator([len(e.input_ids) for e in data.train], run.info.world_size))  # every `auto`
+        publish_data(data, run.config, run.run_dir, run.memory, write=run.info.is_main)  # and its gates
 
-    def build_model() -> object:
-        return setup_model(run.config, tokenizer, run.device, run.precision, strategy=run.info.strategy)
+        def build_model() -> object:
+            return setup_model(run.config, tokenizer, run.device, run.precision, strategy=run.info.strategy)
 
-    model = build_model()
-    objective = SupervisedObjective.for_model(model, data, tokenizer)
-    return fit(run, model, objective, tokenizer, template, rebuild=build_model)
+        model = build_model()
+        objective = SupervisedObjective.for_model(model, data, tokenizer)
+        return fit(run, model, objective, tokenizer, template, rebuild=build_model)

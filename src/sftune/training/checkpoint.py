@@ -9,6 +9,7 @@ checkpoint and fall back to the newest intact one, saying which it skipped and w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -142,6 +143,26 @@ def save_checkpoint(
     its own RNG state; rank 0 writes the rest, the manifest and does the rename."""
     final = checkpoints_dir / f"{CHECKPOINT_PREFIX}{state.global_step:08d}"
     tmp = checkpoints_dir / f".tmp-{final.name}"
+    try:
+        write_checkpoint(tmp, final, model, optimizer, scheduler, state, keep, config, info)
+    except OSError:  # a full disk: the partial folder goes, so it does not hold the space the user must free
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def write_checkpoint(
+    tmp: Path,
+    final: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainerState,
+    keep: int,
+    config: dict[str, Any] | None,
+    info: Distributed,
+) -> None:
+    checkpoints_dir = final.parent
     if info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -173,7 +194,6 @@ def save_checkpoint(
         fsync(checkpoints_dir)
         prune_checkpoints(checkpoints_dir, keep, state.global_step)
     info.barrier()
-    return final
 
 
 def save_sharded_state(folder: Path, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:
@@ -219,10 +239,28 @@ def load_sharded_state(
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """The checkpoint folders (step-<digits>), oldest first; anything else in the folder is not a checkpoint."""
     if not checkpoints_dir.is_dir():
         return []
-    found = [p for p in checkpoints_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+    found = [p for p in checkpoints_dir.iterdir() if p.is_dir() and is_checkpoint_name(p.name)]
+    return sorted(found, key=step_of)
+
+
+def is_checkpoint_name(name: str) -> bool:
+    digits = name[len(CHECKPOINT_PREFIX) :]
+    return name.startswith(CHECKPOINT_PREFIX) and digits.isascii() and digits.isdigit()
+
+
+def foreign_entries(checkpoints_dir: Path) -> list[str]:
+    """Names in checkpoints/ that sftune did not write (a copy such as step-latest, a stray file); ignored by resume,
+    which says so. A `.tmp-` folder is a write that was interrupted: it is replaced by the next write."""
+    if not checkpoints_dir.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in checkpoints_dir.iterdir()
+        if not p.name.startswith(".tmp-") and not (p.is_dir() and is_checkpoint_name(p.name))
+    )
 
 
 def step_of(checkpoint: Path) -> int:
@@ -237,10 +275,20 @@ def prune_checkpoints(checkpoints_dir: Path, keep: int, current_step: int | None
         shutil.rmtree(old)
 
 
+def remove_checkpoints(checkpoints_dir: Path) -> None:
+    """Every checkpoint of the run (its model is saved and it asked for none: train.checkpoint_every unset)."""
+    for checkpoint in list_checkpoints(checkpoints_dir):
+        shutil.rmtree(checkpoint)
+    with contextlib.suppress(OSError):
+        checkpoints_dir.rmdir()  # only when nothing else is in it
+
+
 def find_resume_checkpoint(resume: str, checkpoints_dir: Path) -> Path | None:
     """'auto' -> the newest intact checkpoint of this run (None if there is none), naming each newer one skipped
     and why; otherwise the given folder, which must be intact."""
     if resume == "auto":
+        for name in foreign_entries(checkpoints_dir):
+            print(f"resume: ignoring {checkpoints_dir / name}: not a checkpoint sftune wrote (step-<number>)")
         for checkpoint in reversed(list_checkpoints(checkpoints_dir)):
             problem = verify_checkpoint(checkpoint)
             if not problem:

@@ -153,7 +153,7 @@ def summary_line(counts: dict[str, Any], config: Config) -> str:
             f"truncated from the left to fit data.max_length={config.data.max_length}"
         )
     return (
-        f"data: {counts['rows_in']} rows in = {counts['rows_trained']} train + {counts['rows_validation']} "
+        f"data: {counts['rows_in']} rows in = {counts['rows_train']} train + {counts['rows_validation']} "
         f"validation + {counts['rows_rejected']} rejected ({rejected}); "
         f"{counts['supervised_tokens']} of {counts['tokens']} train tokens supervised"
     )

@@ -76,6 +76,23 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
+    def on_main(self, action: Callable[[], object]) -> None:
+        """Rank 0 does `action` while the others wait; a user error it raises is raised on every rank (rank 0
+        reports it, the others end quietly: cli.py), so no rank is left waiting at a barrier rank 0 never reaches."""
+        error: UserError | None = None
+        if self.is_main:
+            try:
+                action()
+            except UserError as exc:
+                error = exc
+        if self.enabled:
+            message = [str(error) if error is not None else None]
+            dist.broadcast_object_list(message, src=0)
+            if error is None and message[0] is not None:
+                error = UserError(message[0])
+        if error is not None:
+            raise error
+
     @property
     def collective_device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")

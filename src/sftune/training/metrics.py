@@ -10,6 +10,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from sftune.host.files import write_text_atomic
 from sftune.host.memory import peak_memory
 
 
@@ -27,9 +28,12 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop records of steps after the checkpoint, which the resumed run will redo."""
-        kept = [r for r in self.read() if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        """On resume: drop records of steps after the checkpoint, which the resumed run will redo. The file is
+        replaced whole (written beside it, then renamed), never rewritten in place: a crash at any moment leaves
+        the old records or the new ones, never fewer."""
+        if self.path.exists():
+            kept = [r for r in self.read() if r.get("step", 0) <= step]
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def read(self) -> list[dict[str, Any]]:
         """Every record; a last line torn by a crash mid-write is dropped (it is the step a resume redoes)."""

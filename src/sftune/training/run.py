@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sftune.config import Config, UserError, config_to_yaml
+from sftune.config import Config, UserError
 from sftune.data.batching import accumulation_windows, window_micro_batches
 from sftune.training.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint
 from sftune.training.distributed import SINGLE, Distributed
@@ -34,50 +33,6 @@ class TrainResult:
     final_loss: float | None
     val_loss: float | None
     counts: dict[str, Any] = field(default_factory=dict)
-
-
-def setup_run_dir(config: Config, resume: str | None, info: Distributed = SINGLE) -> Path:
-    """An existing, non-empty run folder is only reused to resume, or replaced with output.overwrite. Rank 0 of a
-    distributed run prepares it; the other ranks wait for it."""
-    run_dir = Path(config.output.dir)
-    if not info.is_main:
-        info.barrier()
-        return run_dir
-    prepare_run_dir(run_dir, config, resume)
-    info.barrier()
-    return run_dir
-
-
-def prepare_run_dir(run_dir: Path, config: Config, resume: str | None) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunError(f"output.dir '{run_dir}' is a file, not a folder: choose another output.dir")
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        if not config.output.overwrite:
-            raise RunError(
-                f"output folder '{run_dir}' already exists and is not empty: pass --overwrite "
-                "(output.overwrite=true) to replace it, --resume auto to continue it, or choose another output.dir"
-            )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_to_yaml(config))
-
-
-def check_free_space(run_dir: Path, model: Any, config: Config) -> None:
-    """Refuse to start a run whose first checkpoint and final model would not fit on the output disk: finding out
-    after hours of training loses them."""
-    parameters = list(model.parameters())
-    trainable = sum(p.numel() for p in parameters if p.requires_grad)
-    total = sum(p.numel() for p in parameters)
-    checkpoint = trainable * 4 * 3 if config.train.checkpoint_every else 0  # fp32 weights + 2 AdamW states
-    final = (total if config.train.method == "full" else trainable) * 4
-    moments = trainable * 8 if config.train.offload_optimizer_state is True else 0  # host/offload.py's file
-    needed = int((checkpoint * 2 + final + moments) * 1.1)  # a checkpoint is written beside the previous one
-    free = shutil.disk_usage(run_dir).free
-    if free < needed:
-        raise RunError(
-            f"the output disk of '{run_dir}' has {free / 2**30:.2f} GiB free, and this run needs about "
-            f"{needed / 2**30:.2f} GiB for its checkpoints and final model: free space, or choose another output.dir"
-        )
 
 
 def seed_everything(seed: int) -> None:
@@ -160,6 +115,7 @@ def restore_state(
     checkpoint = find_resume_checkpoint(resume, run_dir / "checkpoints") if resume else None
     if checkpoint is None:
         if resume:  # nothing to resume from: start over, without the records of the run that crashed
+            refuse_finished_run(run_dir)
             print(f"resume: no intact checkpoint in {run_dir / 'checkpoints'}: starting from step 0")
             truncate_logs(run_dir, 0, info)
         return TrainerState(global_step=0, epoch=0, window=0)
@@ -177,6 +133,16 @@ def restore_state(
     truncate_logs(run_dir, state.global_step, info)
     print(f"resumed from {checkpoint} at step {state.global_step} (epoch {state.epoch}, window {state.window})")
     return state
+
+
+def refuse_finished_run(run_dir: Path) -> None:
+    """--resume with no checkpoint to resume from would train from step 0 over a finished model: refused."""
+    if (run_dir / "model").exists():
+        raise RunError(
+            f"--resume auto: '{run_dir}' holds a finished model and no intact checkpoint to resume from, so there is "
+            "nothing to resume. Train it again from step 0 with --overwrite (output.overwrite=true; it replaces "
+            "model/), or choose another output.dir"
+        )
 
 
 def truncate_logs(run_dir: Path, step: int, info: Distributed) -> None:
@@ -223,6 +189,15 @@ class TrainingInterrupted(RunError):
         self.exit_code = exit_code
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second SIGINT / SIGTERM: the run stops mid-step, without a checkpoint (the command line prints one line
+    and exits 128 + the signal's number)."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__(signal.Signals(number).name)
+        self.exit_code = 128 + number
+
+
 class StopRequest:
     """While active, SIGTERM and SIGINT only ask the loop to stop after the current step (`requested`), so it can
     write a checkpoint first; a second signal of the same kind stops at once."""
@@ -244,7 +219,7 @@ class StopRequest:
 
     def _handle(self, number: int, frame: Any) -> None:
         if self.requested == number:  # asked twice: do not wait for the step
-            raise KeyboardInterrupt
+            raise StoppedAtOnce(number)
         self.requested = number
         print(f"\n{signal.Signals(number).name} received: stopping after this step, with a checkpoint")
 
