@@ -9,11 +9,12 @@ import shutil
 import pytest
 
 import sftune
-from sftune.config import ConfigError
+from sftune.config import ConfigError, GenerateConfig
 from sftune.infer.generate import load_for_inference, prompt_ids
 from sftune.infer.prompts import read_prompt_rows
 from sftune.infer.run_settings import INFERENCE_FILE, read_run_settings
 from sftune.recipes.evaluate import resolve_eval_settings
+from sftune.recipes.generate import generate
 
 pytestmark = pytest.mark.integration  # trains a tiny run once
 
@@ -62,6 +63,18 @@ def test_run_and_its_model_folder_and_a_copy_of_it_give_the_same_prompt_ids(run_
         assert prompt_ids_of(str(path), prompts_file) == expected
     _, tokenizer = load_for_inference(str(copy), "cpu", "fp32")
     assert SYSTEM in tokenizer.decode(expected[0])  # the run's system prompt, not the template's default
+
+
+def test_a_typed_prompt_is_a_user_turn_whatever_format_the_run_trained_on(run_dir, monkeypatch):
+    seen = []
+    monkeypatch.setattr(
+        "sftune.recipes.generate.generate_replies", lambda m, t, prompts, *a: seen.extend(prompts) or []
+    )
+    with pytest.raises(IndexError):  # no reply from the stand-in: the prompt is what is checked
+        generate(str(run_dir), GenerateConfig(), prompt="Repeat 3")
+    (prompt,) = seen
+    assert prompt.messages[-1] == {"role": "user", "content": "Repeat 3"}
+    assert prompt.messages[0] == {"role": "system", "content": SYSTEM}  # the run's alpaca rows had this system prompt
 
 
 def test_a_run_saved_before_the_file_existed_reads_its_run_folder_config(run_dir, tmp_path):

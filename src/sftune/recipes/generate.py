@@ -18,7 +18,7 @@ from sftune.infer.generate import (
     load_for_inference,
     write_generation_file,
 )
-from sftune.infer.prompts import PromptRow, read_prompt_rows, to_prompt_row
+from sftune.infer.prompts import PromptRow, PromptSettings, read_prompt_rows, to_prompt_row
 from sftune.infer.run_settings import read_run_settings
 
 
@@ -29,7 +29,9 @@ def generate(model_path: str, settings: GenerateConfig, prompt: str | None = Non
         raise ConfigError("give a prompt to answer (--prompt TEXT), or --input FILE --output FILE for many")
     check_model_path(model_path)
     run = read_run_settings(model_path, settings.system_prompt)  # the run's, as trained
-    row = to_prompt_row({"messages": [{"role": "user", "content": prompt}]}, "--prompt", settings=run.prompts)
+    # The typed prompt is a user message whatever format the run's rows had; only the run's system prompt applies.
+    typed = PromptSettings(system_prompt=run.prompts.system_prompt)
+    row = to_prompt_row({"messages": [{"role": "user", "content": prompt}]}, "--prompt", settings=typed)
     if isinstance(row, Rejection):
         raise ConfigError(f"--prompt: {row.detail}")
     model, tokenizer = load_for_inference(model_path, settings.device, settings.dtype, settings.template)
