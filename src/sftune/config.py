@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
@@ -327,10 +328,14 @@ class EvalConfig(SamplingConfig):
 class DPOConfig(_Section):
     """`sftune dpo`: preference optimisation after SFT."""
 
-    loss: Literal["sigmoid", "ipo", "simpo"] = Field(
-        "sigmoid", description="sigmoid (DPO), ipo, or simpo (reference-free, length-normalised)."
+    loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = Field(
+        "sigmoid",
+        description="sigmoid (DPO), ipo, simpo (reference-free, length-normalised), or orpo (reference-free: "
+        "odds-ratio loss plus the chosen answer's NLL).",
     )
-    beta: float = Field(0.1, gt=0, description="Strength of the preference (DPO/IPO temperature; SimPO scale).")
+    beta: float = Field(
+        0.1, gt=0, description="Strength of the preference (DPO/IPO temperature; SimPO scale; ORPO's lambda)."
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO: assumed share of flipped labels.")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin.")
     reference: Literal["auto", "adapter_off", "precomputed", "copy"] = Field(
@@ -344,6 +349,11 @@ class DPOConfig(_Section):
         description="When model.name_or_path is an SFT adapter (or a run folder holding one): merge it into its base "
         "and train on the merged model (a new adapter with lora/qlora), or continue training the same adapter.",
     )
+
+    @property
+    def is_reference_free(self) -> bool:
+        """SimPO and ORPO compare the policy's own log-probs: no reference is computed, cached or held."""
+        return self.loss in ("simpo", "orpo")
 
 
 class Config(_Section):
@@ -525,7 +535,7 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
         value = node.get(key) if isinstance(node, dict) else None
         relative = isinstance(value, str) and value and not Path(value).is_absolute()
         if relative and (not must_exist or (base / str(value)).exists() or _missing_data_file(section, str(value))):
-            node[key] = str(base / str(value))  # type: ignore[index]
+            node[key] = os.path.normpath(base / str(value))  # type: ignore[index]  # no "examples/../runs"
 
 
 def _missing_data_file(section: str, value: str) -> bool:
