@@ -338,6 +338,11 @@ class DPOConfig(_Section):
     )
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO: assumed share of flipped labels.")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin.")
+    orpo_nll: Literal["response", "full_sequence"] = Field(
+        "response",
+        description="ORPO's NLL on the chosen answers: over their response tokens (as the ORPO paper and SFT), or "
+        "full_sequence, prompt included, as TRL's ORPOTrainer computes it (for parity with TRL).",
+    )
     reference: Literal["auto", "adapter_off", "precomputed", "copy"] = Field(
         "auto",
         description="Reference log-probs: auto = the same model with the adapter off (LoRA/QLoRA) or precomputed once "

@@ -1,4 +1,4 @@
-"""DPO, IPO and SimPO: the losses by their formulas, the reference without a second model, one forward for both
+"""DPO, IPO, SimPO and ORPO: the losses by their formulas, the reference without a second model, one forward for both
 branches, a run that learns the preference, cached reference log-probs, and exact resume."""
 
 from __future__ import annotations
@@ -58,6 +58,14 @@ def test_losses_follow_their_formulas():
     torch.testing.assert_close(
         simpo, -torch.nn.functional.logsigmoid(2.0 * torch.tensor([-1.5 + 2, -1.25 + 0.8]) - 0.5)
     )
+    orpo, metrics = preference_loss(policy, None, counts, DPOConfig(loss="orpo", beta=0.5), torch.tensor(1.25))
+    average = torch.tensor([-1.5, -1.25, -2.0, -0.8])  # the odds of an answer: p / (1 - p), p = exp(average)
+    odds = torch.exp(average) / (1 - torch.exp(average))
+    log_odds = torch.log(odds[:2] / odds[2:])
+    torch.testing.assert_close(orpo, 1.25 - 0.5 * torch.nn.functional.logsigmoid(log_odds))
+    torch.testing.assert_close(metrics["log_odds_chosen"], log_odds)
+    torch.testing.assert_close(metrics["rewards_chosen"], 0.5 * average[:2])
+    assert metrics["nll_loss"].tolist() == [1.25, 1.25] and metrics["reward_accuracy"].tolist() == [1.0, 0.0]
 
 
 def test_one_forward_for_both_branches_equals_separate_forwards(tiny_model_dir):
@@ -119,6 +127,21 @@ def test_a_lora_dpo_run_learns_the_preference(tmp_path, tiny_model_dir):
     assert [p.name for p in plot_run(result.run_dir, tmp_path)] == ["loss.png", "validation.png", "preference.png"]
 
 
+def test_a_full_orpo_run_needs_no_reference_and_learns_the_preference(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    config = dpo_config(tmp_path, tiny_model_dir, method="full", max_steps=6, learning_rate=1e-3)
+    config.dpo.loss = "orpo"
+    result = train_dpo(config)
+    out = capsys.readouterr().out
+    assert "computing for" not in out and "setting dpo.reference" not in out  # nothing precomputed, nothing resolved
+    assert not (tmp_path / "cache").exists() and load_config(result.run_dir / "config.yaml").dpo.reference == "auto"
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    for name in ("nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards_chosen", "reward_margin", "val_nll_loss"):
+        assert any(name in r for r in records), name
+    assert steps[-1]["loss"] < steps[0]["loss"] and steps[-1]["reward_margin"] > steps[0]["reward_margin"]
+
+
 def test_full_dpo_uses_cached_reference_and_resumes_exactly(tmp_path, tiny_model_dir, capsys, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     full = {"method": "full", "max_steps": 4, "checkpoint_every": 2, "learning_rate": 1e-3}
@@ -135,13 +158,14 @@ def test_full_dpo_uses_cached_reference_and_resumes_exactly(tmp_path, tiny_model
     assert result.global_step == 4 and all(torch.equal(ours[name], theirs[name]) for name in ours)
 
 
-def test_the_shipped_dpo_example_runs_from_the_cli(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("example", ["dpo_lora.yaml", "orpo.yaml"])
+def test_the_shipped_dpo_example_runs_from_the_cli(tmp_path, tiny_model_dir, example):
     from sftune.cli import main
     from tests.conftest import REPO
 
     overrides = [f"model.name_or_path={tiny_model_dir}", f"output.dir={tmp_path / 'run'}", "train.max_steps=2",
                  "template.name=chatml", "train.progress=false", "train.precision=fp32"]  # fmt: skip
-    assert main(["dpo", str(REPO / "examples" / "dpo_lora.yaml"), *overrides]) == 0
+    assert main(["dpo", str(REPO / "examples" / example), *overrides]) == 0
     assert (tmp_path / "run" / "model" / "adapter_config.json").is_file()
 
 
@@ -261,6 +285,81 @@ def test_simpo_loss_rewards_and_gradients_match_trl_cpo_trainer(tiny_model_dir, 
     assert abs(metrics["rewards_chosen"] - metrics["rewards_rejected"]) > 1e-3  # the answers really differ
     for name, parameter in ours.named_parameters():
         torch.testing.assert_close(parameter.grad, trl_grads[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_orpo_loss_rewards_metrics_and_gradients_match_trl_orpo_trainer(tiny_model_dir, tmp_path):
+    """ORPO (reference-free): TRL's ORPOTrainer (trl.experimental) on the same tiny model, its own tokenized batch and
+    beta (lambda): the loss, every metric TRL logs and every gradient agree. TRL's odds use the average response
+    log-prob; its NLL is the mean over every token of the chosen sequences, prompt included."""
+    pytest.importorskip("trl")
+    orpo = pytest.importorskip("trl.experimental.orpo")
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from sftune.data.preference import PairExample
+    from sftune.data.types import Example
+
+    def policy_model():
+        return nudged_model(tiny_model_dir, seed=1)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [{"prompt": q, "chosen": c, "rejected": r}
+            for q, c, r in [("Say yes.", " Yes, done.", " No!"), ("Agree?", " I agree.", " Never, ever.")]]  # fmt: skip
+    args = orpo.ORPOConfig(output_dir=str(tmp_path), beta=0.25, per_device_train_batch_size=2, report_to="none",
+                           use_cpu=True, max_length=256)  # fmt: skip
+    trainer = orpo.ORPOTrainer(model=policy_model(), args=args, train_dataset=Dataset.from_list(rows),
+                               processing_class=tokenizer)  # fmt: skip
+    batch = next(iter(trainer.get_train_dataloader()))
+    trl_loss, trl_metrics = trainer.get_batch_loss_metrics(trainer.model, batch)
+    trl_loss.backward()
+    trl_grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    def branch(name: str, row: int) -> Example:  # TRL's ids and labels (prompt masked) as an sftune example
+        length = int(batch[f"{name}_attention_mask"][row].sum())
+        return Example(
+            batch[f"{name}_input_ids"][row, :length].tolist(), batch[f"{name}_labels"][row, :length].tolist()
+        )
+
+    pairs = [PairExample(branch("chosen", i), branch("rejected", i), f"p{i}") for i in range(2)]
+    assert len(pairs[0].chosen.input_ids) != len(pairs[1].chosen.input_ids)  # the NLL's averaging is tested
+    ours = policy_model()
+    cfg = DPOConfig(loss="orpo", beta=0.25, orpo_nll="full_sequence")  # TRL's NLL includes the prompt
+    objective = PreferenceLoss(TokenLoss.for_model(ours), cfg, False)
+    objective.reference_logps = None  # ORPO must never ask for a reference
+    our_loss = objective(make_pair_batch(pairs)) / len(pairs)
+    our_loss.backward()
+    torch.testing.assert_close(our_loss, trl_loss.detach(), atol=1e-4, rtol=1e-4)
+    metrics = objective.window_metrics()
+    names = {"rewards_chosen": "rewards/chosen", "rewards_rejected": "rewards/rejected",
+             "reward_accuracy": "rewards/accuracies", "reward_margin": "rewards/margins", "nll_loss": "nll_loss",
+             "log_odds_ratio": "log_odds_ratio", "log_odds_chosen": "log_odds_chosen"}  # fmt: skip
+    for ours_name, trl_name in names.items():
+        assert metrics[ours_name] == pytest.approx(trl_metrics[trl_name], abs=1e-4), ours_name
+    assert abs(metrics["reward_margin"]) > 1e-3  # the answers really differ
+    for name, parameter in ours.named_parameters():
+        torch.testing.assert_close(parameter.grad, trl_grads[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_orpo_nll_trains_the_chosen_response_only_unless_full_sequence_is_asked_for(tiny_model_dir):
+    """By default the prompt is never trained: ORPO's NLL is the token mean of the chosen responses' -log p, the
+    quantity an SFT step on the chosen answers minimises; full_sequence (TRL's) adds the prompt tokens."""
+    from sftune.data.preference import PairExample
+    from sftune.data.types import IGNORE_INDEX, Example
+    from sftune.training.preference import orpo_logps, sequence_logps
+
+    def example(prompt: list[int], reply: list[int]) -> Example:
+        return Example(prompt + reply, [IGNORE_INDEX] * len(prompt) + reply)
+
+    pairs = [PairExample(example([5, 6, 7, 8], [9, 10]), example([5, 6, 7, 8], [11]), "p0"),
+             PairExample(example([12, 13], [14, 15, 16]), example([12, 13], [17, 18]), "p1")]  # fmt: skip
+    batch = make_pair_batch(pairs).batch
+    loss = TokenLoss.for_model(nudged_model(tiny_model_dir, seed=1))
+    with torch.no_grad():
+        sums, counts = sequence_logps(loss, batch)
+        _, _, response_nll = orpo_logps(loss, batch, None, "response")
+        _, _, full_nll = orpo_logps(loss, batch, None, "full_sequence")
+    assert response_nll == pytest.approx(float(-(sums[:2].sum()) / counts[:2].sum()), rel=1e-6)
+    assert counts[:2].tolist() == [2, 3] and abs(float(full_nll - response_nll)) > 1e-3  # the prompt counts there
 
 
 def test_a_frozen_reference_copy_gives_the_loss_of_precomputed_log_probs(tmp_path, tiny_model_dir, monkeypatch):

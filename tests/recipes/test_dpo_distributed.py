@@ -177,8 +177,10 @@ def assert_same_run(run: Path, reference: Path, what: str) -> None:
     assert (run / "preference.png").is_file() and (run / "data_summary.json").is_file()
 
 
-def test_a_placeholder_pair_adds_exactly_zero(tiny_model_dir):
-    """Loss, gradients, pair count and metrics of pairs + a placeholder pair are those of the pairs alone."""
+@pytest.mark.parametrize("loss_type", ["sigmoid", "orpo"])
+def test_a_placeholder_pair_adds_exactly_zero(tiny_model_dir, loss_type):
+    """Loss, gradients, pair count and metrics of pairs + a placeholder pair are those of the pairs alone (ORPO: its
+    NLL's mean leaves the placeholder's tokens out)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sftune.data.preference import build_pairs, to_pair
@@ -193,7 +195,8 @@ def test_a_placeholder_pair_adds_exactly_zero(tiny_model_dir):
     results = []
     for batch in (make_pair_batch(pairs[1:], reference), make_pair_batch([*pairs[1:], filler], [*reference, (0, 0)])):
         model.zero_grad()
-        objective = PreferenceLoss(TokenLoss.for_model(model), DPOConfig(beta=0.5), adapter_reference=False)
+        config = DPOConfig(loss=loss_type, beta=0.5)
+        objective = PreferenceLoss(TokenLoss.for_model(model), config, adapter_reference=False)
         loss = objective(batch)
         loss.backward()
         grads = [p.grad.clone() for p in model.parameters()]

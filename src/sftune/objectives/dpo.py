@@ -1,7 +1,7 @@
-"""Preference optimisation (DPO, IPO, SimPO) as an objective of the loop: a micro-batch of pairs is one padding-free
-row (chosen, then rejected), its loss is summed per pair and divided by the pairs of the whole window; the reference
-is the adapter switched off, log-probs precomputed once (training/reference.py), or a frozen copy; validation is the
-preference loss and reward accuracy on held-out pairs.
+"""Preference optimisation (DPO, IPO, SimPO, ORPO) as an objective of the loop: a micro-batch of pairs is one
+padding-free row (chosen, then rejected), its loss is summed per pair and divided by the pairs of the whole window;
+the reference is the adapter switched off, log-probs precomputed once (training/reference.py), or a frozen copy (none
+for SimPO and ORPO); validation is the preference loss and reward accuracy on held-out pairs.
 
 Under torchrun each window's pairs split over the ranks (a rank short of pairs runs a placeholder pair that counts
 for nothing) and the per-step metrics are summed over the ranks, as on one process.
@@ -119,11 +119,11 @@ class PreferenceObjective:
 
 
 def reference_mode(config: Config, start: StartingPoint, info: Distributed = SINGLE) -> str:
-    """Where reference log-probs come from: none (SimPO), the adapter switched off, one pass before training, or a
+    """Where reference log-probs come from: none (SimPO, ORPO), the adapter switched off, one pass before training, or a
     frozen copy. The reference is the model as it starts: a continued SFT adapter is part of it, so switching the
     adapter off would compare against the model before SFT. FSDP2 refuses the copy: a whole unsharded model on
     every rank (DDP holds a full replica per rank anyway, so there the copy is what one process would hold)."""
-    if config.dpo.loss == "simpo":
+    if config.dpo.is_reference_free:
         return "none"
     if config.dpo.reference == "copy" and info.strategy == "fsdp2":
         raise DistributedError(

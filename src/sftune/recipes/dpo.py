@@ -1,4 +1,4 @@
-"""Preference optimisation (DPO, IPO, SimPO) after SFT, top to bottom: start the run, where training starts, the
+"""Preference optimisation (DPO, IPO, SimPO, ORPO) after SFT, top to bottom: start the run, where training starts, the
 pairs, the settings, the model and its reference, then the one loop (training/loop.py).
 
 `train_dpo(config)` is what `sftune dpo` and `sftune.train_dpo` call. It may start from an SFT run folder

@@ -1,4 +1,4 @@
-"""Preference losses (DPO, IPO, SimPO) on pairs whose chosen and rejected branches share one forward pass.
+"""Preference losses (DPO, IPO, SimPO, ORPO) on pairs whose chosen and rejected branches share one forward pass.
 
 A micro-batch of n pairs is one padding-free row: the n chosen examples, then the n rejected ones (each attending
 only to itself). A sequence's log-probability is the sum of its response tokens' log-probabilities (the labels of
@@ -89,34 +89,90 @@ def pair_length(pair: PairExample) -> int:
 
 def sequence_logps(loss: TokenLoss, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of response-token log-probs, number of response tokens) per example of a padding-free row."""
-    assert batch.cu_seq_lens is not None, "preference batches are padding-free rows"
-    targets = batch.labels[0, 1:]  # [seq-1]
-    keep = targets != IGNORE_INDEX
-    if loss.body is None:
-        logits = loss.model(**batch.model_inputs(), use_cache=False).logits[0, :-1][keep]
-        token_logps = -F.cross_entropy(logits.float(), targets[keep], reduction="none")  # [supervised]
-    else:
-        hidden = loss.body(**batch.model_inputs(), use_cache=False)[0][0, :-1][keep]  # [supervised, hidden]
-        if isinstance(loss.head, torch.nn.Linear):  # a chunk of logits at a time, as the SFT loss
-            token_logps = linear_log_probs(hidden, loss.head.weight, loss.head.bias, targets[keep])
-        else:
-            token_logps = -F.cross_entropy(loss.head(hidden).float(), targets[keep], reduction="none")
-    # Target position t belongs to the example whose [start, end) holds t + 1.
-    positions = torch.nonzero(keep).squeeze(1) + 1
-    owner = torch.bucketize(positions, batch.cu_seq_lens[1:].to(positions.device), right=True)
-    examples = len(batch.cu_seq_lens) - 1
-    sums = torch.zeros(examples, device=token_logps.device).index_add(0, owner, token_logps)
-    counts = torch.zeros(examples, device=token_logps.device).index_add(0, owner, torch.ones_like(token_logps))
+    sums, counts, _, _ = branch_logps(loss, batch)
     return sums, counts
 
 
-def preference_loss(
-    policy: torch.Tensor, reference: torch.Tensor | None, counts: torch.Tensor, cfg: DPOConfig
+def branch_logps(
+    loss: TokenLoss, batch: Batch, whole_examples: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per example of a padding-free row, the sum and count of its response-token log-probs; and, from the same
+    forward, for the first `whole_examples` examples the sum and count over every token after their first, prompt
+    included (ORPO's NLL on the chosen answers, as TRL computes it)."""
+    assert batch.cu_seq_lens is not None, "preference batches are padding-free rows"
+    labels = batch.labels[0, 1:]  # [seq-1]
+    response = labels != IGNORE_INDEX
+    bounds = batch.cu_seq_lens.to(labels.device)
+    positions = torch.arange(1, len(labels) + 1, device=labels.device)  # the label position of each target
+    whole = (positions < bounds[whole_examples]) & ~torch.isin(positions, bounds[:whole_examples])
+    keep = response | whole
+    targets = torch.where(response, labels, batch.input_ids[0, 1:])[keep]  # a label is its input id or ignored
+    token_logps = kept_logps(loss, batch, keep, targets)  # [kept]
+    # Target position t belongs to the example whose [start, end) holds t + 1.
+    owner = torch.bucketize(positions[keep], bounds[1:], right=True)
+    examples = len(bounds) - 1
+
+    def per_example(selected: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        values, owners = token_logps[selected], owner[selected]
+        sums = torch.zeros(size, device=token_logps.device).index_add(0, owners, values)
+        return sums, torch.zeros(size, device=token_logps.device).index_add(0, owners, torch.ones_like(values))
+
+    return *per_example(response[keep], examples), *per_example(whole[keep], whole_examples)
+
+
+def kept_logps(loss: TokenLoss, batch: Batch, keep: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Log-probs of `targets` at the kept positions of a padding-free row, a chunk of logits at a time where the
+    head allows it (as the SFT loss)."""
+    if loss.body is None:
+        logits = loss.model(**batch.model_inputs(), use_cache=False).logits[0, :-1][keep]
+        return -F.cross_entropy(logits.float(), targets, reduction="none")  # [kept]
+    hidden = loss.body(**batch.model_inputs(), use_cache=False)[0][0, :-1][keep]  # [kept, hidden]
+    if isinstance(loss.head, torch.nn.Linear):
+        return linear_log_probs(hidden, loss.head.weight, loss.head.bias, targets)
+    return -F.cross_entropy(loss.head(hidden).float(), targets, reduction="none")
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2 (as TRL's ORPO)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def odds_ratio_loss(
+    average: torch.Tensor, chosen_nll: torch.Tensor, cfg: DPOConfig
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pair losses and metrics from [2n] policy/reference log-probs (chosen then rejected)."""
+    """ORPO per pair from [2n] average response log-probs (chosen then rejected) and the micro-batch's chosen NLL:
+    nll - beta * log sigmoid(log odds(chosen) - log odds(rejected)), the odds of an answer p / (1 - p) with p its
+    average token probability (TRL's ORPOTrainer, beta its lambda)."""
+    n = average.shape[0] // 2
+    chosen, rejected = average[:n].float(), average[n:].float()
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    ratio = F.logsigmoid(log_odds)
+    metrics = {
+        "log_odds_ratio": ratio.detach(),
+        "log_odds_chosen": log_odds.detach(),
+        "nll_loss": chosen_nll.detach().expand(n),
+    }
+    return chosen_nll - cfg.beta * ratio, metrics
+
+
+def preference_loss(
+    policy: torch.Tensor,
+    reference: torch.Tensor | None,
+    counts: torch.Tensor,
+    cfg: DPOConfig,
+    chosen_nll: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pair losses and metrics from [2n] policy/reference log-probs (chosen then rejected); ORPO also takes the
+    micro-batch's chosen NLL (a scalar) and needs no reference."""
     n = policy.shape[0] // 2
     chosen, rejected = policy[:n], policy[n:]
-    if cfg.loss == "simpo":  # reference-free, length-normalised
+    extra: dict[str, torch.Tensor] = {}
+    if cfg.loss == "orpo":  # reference-free, on average log-probs
+        assert chosen_nll is not None, "ORPO needs the chosen answers' NLL"
+        average = torch.where(counts > 0, policy / counts.clamp(min=1), -1.0)  # a placeholder's: finite odds
+        losses, extra = odds_ratio_loss(average, chosen_nll, cfg)
+        chosen_rewards, rejected_rewards = cfg.beta * average[:n].detach(), cfg.beta * average[n:].detach()
+    elif cfg.loss == "simpo":  # reference-free, length-normalised
         average = policy / counts.clamp(min=1)
         logits = cfg.beta * (average[:n] - average[n:]) - cfg.simpo_gamma
         losses = -F.logsigmoid(logits)
@@ -142,6 +198,7 @@ def preference_loss(
         "reward_margin": chosen_rewards - rejected_rewards,
         "logps_chosen": chosen.detach(),
         "logps_rejected": rejected.detach(),
+        **extra,
     }
     return losses, metrics
 
@@ -158,13 +215,18 @@ class PreferenceLoss:
     pairs: int = 0
 
     def __call__(self, pair_batch: PairBatch) -> torch.Tensor:
-        policy, counts = sequence_logps(self.loss, pair_batch.batch)
-        reference = pair_batch.reference
-        if reference is None and self.cfg.loss != "simpo":
-            reference = self.reference_logps(pair_batch.batch)
-        reference = None if reference is None else reference.to(policy.device)
-        losses, metrics = preference_loss(policy, reference, counts, self.cfg)
-        weights = None if pair_batch.weights is None else pair_batch.weights.to(policy.device)
+        weights = pair_batch.weights
+        if self.cfg.loss == "orpo":
+            policy, counts, chosen_nll = orpo_logps(self.loss, pair_batch.batch, weights, self.cfg.orpo_nll)
+            losses, metrics = preference_loss(policy, None, counts, self.cfg, chosen_nll)
+        else:
+            policy, counts = sequence_logps(self.loss, pair_batch.batch)
+            reference = pair_batch.reference
+            if reference is None and not self.cfg.is_reference_free:
+                reference = self.reference_logps(pair_batch.batch)
+            reference = None if reference is None else reference.to(policy.device)
+            losses, metrics = preference_loss(policy, reference, counts, self.cfg)
+        weights = None if weights is None else weights.to(policy.device)
         for name, values in metrics.items():
             values = values if weights is None else values * weights
             self.totals[name] = self.totals.get(name, 0.0) + float(values.sum())
@@ -188,6 +250,26 @@ class PreferenceLoss:
         means = {name: total / max(1, pairs) for name, total in zip(self.totals, totals, strict=True)}
         self.totals, self.pairs = {}, 0
         return means
+
+
+def orpo_logps(
+    loss: TokenLoss, batch: Batch, weights: torch.Tensor | None, nll: str = "response"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Response log-prob sums and counts of every branch, and the chosen answers' NLL, a token mean over the
+    micro-batch's chosen answers (placeholders left out): over their response tokens (nll="response", the default:
+    the prompt is never trained), or over every token after the first, prompt included, as TRL's ORPOTrainer
+    (nll="full_sequence"); one forward for all of it."""
+    assert batch.cu_seq_lens is not None, "preference batches are padding-free rows"
+    pairs = (len(batch.cu_seq_lens) - 1) // 2
+    if nll == "response":
+        sums, counts = sequence_logps(loss, batch)
+        chosen_sums, chosen_tokens = sums[:pairs], counts[:pairs]
+    else:
+        sums, counts, chosen_sums, chosen_tokens = branch_logps(loss, batch, whole_examples=pairs)
+    if weights is not None:
+        weights = weights.to(chosen_sums.device)
+        chosen_sums, chosen_tokens = chosen_sums * weights, chosen_tokens * weights
+    return sums, counts, -chosen_sums.sum() / chosen_tokens.sum().clamp(min=1)
 
 
 def frozen_copy(model: Any) -> TokenLoss:

@@ -121,7 +121,7 @@ def resolve_settings(
         Decision("train.host_allocator", active_allocator(), allocator_reason(train), train.host_allocator)
     )
     dpo = config.dpo
-    if objective == "dpo" and dpo.reference == "auto" and dpo.loss != "simpo":  # simpo: reference-free
+    if objective == "dpo" and dpo.reference == "auto" and not dpo.is_reference_free:
         dpo = dpo.model_copy(update={"reference": decide("dpo.reference", *dpo_reference(config, continued_adapter))})
     save_dtype = config.output.save_dtype
     if save_dtype == "auto":
