@@ -249,9 +249,6 @@ def test_simpo_loss_rewards_and_gradients_match_trl_cpo_trainer(tiny_model_dir, 
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from sftune.data.preference import PairExample
-    from sftune.data.types import Example
-
     def policy_model():  # every weight nudged, so the two answers get clearly different log-probs
         return nudged_model(tiny_model_dir, seed=1)
 
@@ -262,18 +259,7 @@ def test_simpo_loss_rewards_and_gradients_match_trl_cpo_trainer(tiny_model_dir, 
                          per_device_train_batch_size=2, report_to="none", use_cpu=True, max_length=256)  # fmt: skip
     trainer = cpo.CPOTrainer(model=policy_model(), args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer)  # fmt: skip
-    batch = next(iter(trainer.get_train_dataloader()))
-    trl_loss, trl_metrics = trainer.get_batch_loss_metrics(trainer.model, batch)
-    trl_loss.backward()
-    trl_grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
-
-    def branch(name: str, row: int) -> Example:  # TRL's ids and labels (prompt masked) as an sftune example
-        length = int(batch[f"{name}_attention_mask"][row].sum())
-        return Example(
-            batch[f"{name}_input_ids"][row, :length].tolist(), batch[f"{name}_labels"][row, :length].tolist()
-        )
-
-    pairs = [PairExample(branch("chosen", i), branch("rejected", i), f"p{i}") for i in range(2)]
+    trl_loss, trl_metrics, trl_grads, pairs = trl_step(trainer)
     ours = policy_model()
     objective = PreferenceLoss(TokenLoss.for_model(ours), DPOConfig(loss="simpo", beta=2.0, simpo_gamma=0.5), False)
     our_loss = objective(make_pair_batch(pairs)) / len(pairs)
@@ -287,6 +273,28 @@ def test_simpo_loss_rewards_and_gradients_match_trl_cpo_trainer(tiny_model_dir, 
         torch.testing.assert_close(parameter.grad, trl_grads[name], atol=1e-4, rtol=1e-3, msg=name)
 
 
+def trl_step(trainer):
+    """One TRL preference trainer's loss, metrics and gradients on its first batch, and that batch (TRL's ids and
+    labels, the prompt masked) as sftune pairs."""
+    from sftune.data.preference import PairExample
+    from sftune.data.types import Example
+
+    batch = next(iter(trainer.get_train_dataloader()))
+    trl_loss, trl_metrics = trainer.get_batch_loss_metrics(trainer.model, batch)
+    trl_loss.backward()
+    trl_grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    def branch(name: str, row: int) -> Example:
+        length = int(batch[f"{name}_attention_mask"][row].sum())
+        return Example(
+            batch[f"{name}_input_ids"][row, :length].tolist(), batch[f"{name}_labels"][row, :length].tolist()
+        )
+
+    rows = len(batch["chosen_input_ids"])
+    pairs = [PairExample(branch("chosen", i), branch("rejected", i), f"p{i}") for i in range(rows)]
+    return trl_loss, trl_metrics, trl_grads, pairs
+
+
 def test_orpo_loss_rewards_metrics_and_gradients_match_trl_orpo_trainer(tiny_model_dir, tmp_path):
     """ORPO (reference-free): TRL's ORPOTrainer (trl.experimental) on the same tiny model, its own tokenized batch and
     beta (lambda): the loss, every metric TRL logs and every gradient agree. TRL's odds use the average response
@@ -295,9 +303,6 @@ def test_orpo_loss_rewards_metrics_and_gradients_match_trl_orpo_trainer(tiny_mod
     orpo = pytest.importorskip("trl.experimental.orpo")
     from datasets import Dataset
     from transformers import AutoTokenizer
-
-    from sftune.data.preference import PairExample
-    from sftune.data.types import Example
 
     def policy_model():
         return nudged_model(tiny_model_dir, seed=1)
@@ -309,18 +314,7 @@ def test_orpo_loss_rewards_metrics_and_gradients_match_trl_orpo_trainer(tiny_mod
                            use_cpu=True, max_length=256)  # fmt: skip
     trainer = orpo.ORPOTrainer(model=policy_model(), args=args, train_dataset=Dataset.from_list(rows),
                                processing_class=tokenizer)  # fmt: skip
-    batch = next(iter(trainer.get_train_dataloader()))
-    trl_loss, trl_metrics = trainer.get_batch_loss_metrics(trainer.model, batch)
-    trl_loss.backward()
-    trl_grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
-
-    def branch(name: str, row: int) -> Example:  # TRL's ids and labels (prompt masked) as an sftune example
-        length = int(batch[f"{name}_attention_mask"][row].sum())
-        return Example(
-            batch[f"{name}_input_ids"][row, :length].tolist(), batch[f"{name}_labels"][row, :length].tolist()
-        )
-
-    pairs = [PairExample(branch("chosen", i), branch("rejected", i), f"p{i}") for i in range(2)]
+    trl_loss, trl_metrics, trl_grads, pairs = trl_step(trainer)
     assert len(pairs[0].chosen.input_ids) != len(pairs[1].chosen.input_ids)  # the NLL's averaging is tested
     ours = policy_model()
     cfg = DPOConfig(loss="orpo", beta=0.25, orpo_nll="full_sequence")  # TRL's NLL includes the prompt
