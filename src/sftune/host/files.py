@@ -50,10 +50,3 @@ def staged_folder(out_dir: Path) -> Iterator[Path]:
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def folder_bytes(path: Path) -> int:
-    """Bytes of every file under `path` (0 when it does not exist)."""
-    if not path.exists():
-        return 0
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
